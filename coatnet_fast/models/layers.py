@@ -1,0 +1,104 @@
+"""Building blocks shared by the model: the fusable modules and the backend switch.
+
+A fusable module keeps exactly the children and parameters of the seed's module (so state
+dicts move freely between backends) and routes its forward through one functional op of
+``coatnet_fast.ops``; ``backend`` picks that op's implementation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops import dispatch
+from ..ops.dwconv_bn_gelu import dwconv_bn_gelu
+
+
+class FusedOpModule:
+    """Mixin for modules whose forward is one op of the backend table."""
+
+    fused_op: str = ""
+    backend: str = "eager"
+
+
+class DWConvBNGELU(nn.Sequential, FusedOpModule):
+    """The seed's ``dw_conv``: Sequential(Conv2d depthwise 3x3, BatchNorm2d, GELU), run as one op.
+
+    Subclassing Sequential keeps the children named 0, 1, 2, so keys such as
+    ``block.dw_conv.1.running_mean`` are the seed's.
+    """
+
+    fused_op = "dwconv_bn_gelu"
+
+    def __init__(self, channels: int, stride: int = 1, backend: str = "eager"):
+        super().__init__(
+            nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.GELU(),
+        )
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        # nn.BatchNorm2d's bookkeeping, so that momentum=None means a cumulative average.
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        return dwconv_bn_gelu(
+            x,
+            conv.weight,
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            training=bn.training,
+            momentum=factor,
+            eps=bn.eps,
+            stride=conv.stride[0],
+            backend=self.backend,
+        )
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch per sample with probability ``rate``."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Route every fusable module of ``model`` through ``backend``, in place; returns ``model``.
+
+    Parameters, buffers and ``state_dict()`` keys do not change, so this can be undone by
+    calling it again with "eager". A backend that cannot run an op of the model on this
+    machine at all raises here, with the reasons; limits that depend on the inputs are
+    checked at call time ("auto" then falls back to eager, a named backend raises).
+    """
+    dispatch.check_backend_name(backend)
+    modules = [m for m in model.modules() if isinstance(m, FusedOpModule)]
+    if backend != "auto":
+        missing = {}
+        for op in sorted({m.fused_op for m in modules}):
+            why = dispatch.why_not(op, backend)
+            if why:
+                missing[op] = why
+        if missing:
+            raise dispatch.BackendUnavailableError(
+                ", ".join(missing), {f"{backend} ({op})": why for op, why in missing.items()}
+            )
+    for m in modules:
+        m.backend = backend
+    if hasattr(model, "backend") and not isinstance(model, FusedOpModule):
+        model.backend = backend
+    return model
+
+
+def get_backend(model: nn.Module) -> str:
+    """The backend of the fusable modules of ``model`` ("mixed" if they disagree)."""
+    names = {m.backend for m in model.modules() if isinstance(m, FusedOpModule)}
+    if not names:
+        return "eager"
+    return names.pop() if len(names) == 1 else "mixed"

@@ -1,0 +1,19 @@
+"""Functional ops with one contract and several backends ("eager", "triton", "ext", "auto").
+
+The eager backend is the reference every fused backend is tested against.
+"""
+from .dispatch import AUTO_ORDER, BACKEND_CHOICES, BACKENDS, BackendUnavailableError, usable_backends, why_not
+from .dwconv_bn_gelu import dwconv_bn_gelu
+from .rel_bias_attention import rel_bias_attention, relative_position_index
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "BackendUnavailableError",
+    "dwconv_bn_gelu",
+    "rel_bias_attention",
+    "relative_position_index",
+    "usable_backends",
+    "why_not",
+]

@@ -1,0 +1,127 @@
+"""The backend table: which implementation of each fused op can run which inputs.
+
+Every op registers one entry per backend. An entry answers two questions, as xformers'
+dispatcher does: can this backend run here at all (``available``, a property of the
+installation and the machine), and if so, what stops it taking these particular inputs
+(``reasons``, a list of sentences; empty means capable). ``"auto"`` takes the first capable
+backend in ``AUTO_ORDER`` and ends at eager, which takes every valid input; a backend the
+caller names either runs or raises with its reasons, never falling back behind their back.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+BACKENDS: tuple = ("eager", "triton", "ext")
+BACKEND_CHOICES: tuple = BACKENDS + ("auto",)
+# Fastest first; eager closes the list because it accepts every input that passes validation.
+AUTO_ORDER: tuple = ("triton", "ext", "eager")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend cannot run an op, here or on these inputs; ``reasons`` maps backend -> reasons."""
+
+    def __init__(self, op: str, reasons: Mapping[str, Sequence[str]]):
+        self.op = op
+        self.reasons = {name: list(why) for name, why in reasons.items()}
+        lines = [f"{op}: no requested backend can run these inputs:"]
+        for name, why in self.reasons.items():
+            lines.append(f"  {name}: " + "; ".join(why))
+        super().__init__("\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class OpBackend:
+    """One op on one backend.
+
+    ``impl`` is the callable (same signature as the public op, without ``backend``), or None
+    where this build has no implementation. ``available()`` returns None when the backend can
+    run on this installation and machine, else the reason it cannot. ``reasons(**inputs)``
+    lists why it rejects particular inputs.
+    """
+
+    op: str
+    backend: str
+    impl: Optional[Callable[..., Any]]
+    available: Callable[[], Optional[str]]
+    reasons: Callable[..., List[str]]
+
+
+_TABLE: Dict[str, Dict[str, OpBackend]] = {}
+
+
+def _no_reasons(**_inputs) -> List[str]:
+    return []
+
+
+def _always() -> Optional[str]:
+    return None
+
+
+def register(
+    op: str,
+    backend: str,
+    impl: Optional[Callable[..., Any]],
+    *,
+    available: Callable[[], Optional[str]] = _always,
+    reasons: Callable[..., List[str]] = _no_reasons,
+) -> None:
+    """Add or replace the entry for ``op`` on ``backend`` (later issues replace placeholders)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    _TABLE.setdefault(op, {})[backend] = OpBackend(op, backend, impl, available, reasons)
+
+
+def not_in_this_build(what: str) -> Callable[[], Optional[str]]:
+    """An ``available`` answer for a backend whose kernel this version does not ship."""
+    message = f"not available: {what} is not part of this version of coatnet-fast"
+    return lambda: message
+
+
+def ops() -> List[str]:
+    return sorted(_TABLE)
+
+
+def entry(op: str, backend: str) -> OpBackend:
+    if op not in _TABLE:
+        raise ValueError(f"op must be one of {ops()}; got {op!r}")
+    check_backend_name(backend, allow_auto=False)
+    return _TABLE[op][backend]
+
+
+def check_backend_name(backend: Any, *, allow_auto: bool = True) -> str:
+    choices = BACKEND_CHOICES if allow_auto else BACKENDS
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"backend must be one of {choices}; got {backend!r}")
+    return backend
+
+
+def why_not(op: str, backend: str, inputs: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """Reasons ``backend`` cannot run ``op`` (on ``inputs`` when given); empty when it can."""
+    e = entry(op, backend)
+    unavailable = e.available()
+    if unavailable is not None or e.impl is None:
+        return [unavailable or "no implementation registered"]
+    return list(e.reasons(**inputs)) if inputs is not None else []
+
+
+def select(op: str, backend: str, inputs: Mapping[str, Any]) -> OpBackend:
+    """The entry that will run ``op`` on ``inputs`` for the requested ``backend``."""
+    check_backend_name(backend)
+    if backend != "auto":
+        why = why_not(op, backend, inputs)
+        if why:
+            raise BackendUnavailableError(op, {backend: why})
+        return _TABLE[op][backend]
+    rejected = {}
+    for name in AUTO_ORDER:
+        why = why_not(op, name, inputs)
+        if not why:
+            return _TABLE[op][name]
+        rejected[name] = why
+    raise BackendUnavailableError(op, rejected)
+
+
+def usable_backends(op: str) -> List[str]:
+    """Backends that can run ``op`` on this installation and machine (inputs aside)."""
+    return [name for name in BACKENDS if not why_not(op, name)]

@@ -1,0 +1,30 @@
+"""Shared test set-up.
+
+Triton kernels run on the CPU through Triton's interpreter, which reads TRITON_INTERPRET when
+triton is first imported: set it here, before anything imports triton. On a machine with a
+GPU the same tests run on CUDA with compiled kernels, and on the CPU too.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 comparisons against float64 need TF32 off on GPUs (cuDNN enables it by default)."""
+    from coatnet_fast.verify import exact_fp32
+
+    with exact_fp32():
+        yield

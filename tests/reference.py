@@ -1,0 +1,64 @@
+"""Independent float64 restatements of the ops' formulas, for the tests.
+
+Nothing here calls coatnet_fast: the relative index comes from explicit loops over query and
+key positions, the depthwise conv from shifted slices, BatchNorm and GELU from their formulas.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def relative_index_by_loops(height, width):
+    n = height * width
+    index = torch.empty(n, n, dtype=torch.long)
+    for i in range(n):
+        yi, xi = divmod(i, width)
+        for j in range(n):
+            yj, xj = divmod(j, width)
+            index[i, j] = (yi - yj + height - 1) * (2 * width - 1) + (xi - xj + width - 1)
+    return index
+
+
+def rel_bias_attention_reference(q, k, v, table, window, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    index = relative_index_by_loops(*window).to(table.device)
+    bias = table[index].permute(2, 0, 1)  # [heads, N, N]
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale + bias
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+def dwconv_bn_gelu_reference(x, weight, gamma, beta, running_mean, running_var, training, momentum, eps, stride):
+    """Returns (out, new_running_mean, new_running_var)."""
+    b, c, h, w = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xp = F.pad(x, (1, 1, 1, 1))
+    y = 0
+    for ky in range(3):
+        for kx in range(3):
+            patch = xp[:, :, ky: ky + stride * (ho - 1) + 1: stride, kx: kx + stride * (wo - 1) + 1: stride]
+            y = y + patch * weight[:, 0, ky, kx].view(1, c, 1, 1)
+    if training:
+        count = b * ho * wo
+        mean = y.mean(dim=(0, 2, 3))
+        var = ((y - mean.view(1, c, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+        new_mean = (1 - momentum) * running_mean + momentum * mean.detach()
+        new_var = (1 - momentum) * running_var + momentum * var.detach() * count / (count - 1)
+    else:
+        mean, var = running_mean, running_var
+        new_mean, new_var = running_mean, running_var
+    yn = (y - mean.view(1, c, 1, 1)) / torch.sqrt(var.view(1, c, 1, 1) + eps)
+    yn = yn * gamma.view(1, c, 1, 1) + beta.view(1, c, 1, 1)
+    out = 0.5 * yn * (1 + torch.erf(yn / math.sqrt(2)))
+    return out, new_mean, new_var
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+# Norm-wise relative error against float64, by dtype (see coatnet_fast.verify.TOLERANCE).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}

@@ -1,0 +1,165 @@
+"""The backend table, "auto" selection, and swapping backends on a built model."""
+import pytest
+import torch
+
+import coatnet_fast
+from coatnet_fast import BackendUnavailableError, CoAtNet, get_backend, set_backend
+from coatnet_fast.models import Attention, DWConvBNGELU
+from coatnet_fast.ops import dispatch, dwconv_bn_gelu, rel_bias_attention
+from coatnet_fast.ops.rel_bias_attention import rel_bias_attention_eager, table_rows
+
+SMALL = dict(image_size=(64, 64), num_blocks=(1, 1, 1, 1, 1), channels=(8, 12, 16, 32, 32), num_classes=4)
+
+
+@pytest.fixture
+def table_snapshot(monkeypatch):
+    """Let a test register entries; the table is restored afterwards."""
+    saved = {op: dict(entries) for op, entries in dispatch._TABLE.items()}
+    yield
+    dispatch._TABLE.clear()
+    dispatch._TABLE.update(saved)
+
+
+def attention_inputs(n_window=(3, 3)):
+    n = n_window[0] * n_window[1]
+    return [torch.randn(2, 2, n, 8) for _ in range(3)] + [torch.randn(table_rows(n_window), 2)]
+
+
+def test_every_op_has_every_backend_entry_and_eager_is_usable():
+    assert set(dispatch.ops()) == {"rel_bias_attention", "dwconv_bn_gelu"}
+    for op in dispatch.ops():
+        assert set(dispatch._TABLE[op]) == set(dispatch.BACKENDS)
+        assert "eager" in dispatch.usable_backends(op)
+
+
+def test_auto_prefers_the_first_capable_backend(table_snapshot):
+    calls = []
+
+    def recording(*args):
+        calls.append("triton")
+        return rel_bias_attention_eager(*args)
+
+    dispatch.register("rel_bias_attention", "triton", recording)
+    q, k, v, table = attention_inputs()
+    out = rel_bias_attention(q, k, v, table, (3, 3))
+    assert calls == ["triton"]
+    assert torch.equal(out, rel_bias_attention(q, k, v, table, (3, 3), backend="eager"))
+    assert calls == ["triton"]
+
+
+def test_auto_falls_back_to_eager_and_a_named_backend_raises_its_reasons(table_snapshot):
+    calls = []
+
+    def never(*args):
+        calls.append("ext")
+        raise AssertionError("must not run")
+
+    dispatch.register("rel_bias_attention", "ext", never,
+                      reasons=lambda q, **_: ["head dim 8 is not supported (needs 16, 32, 64 or 128)"])
+    q, k, v, table = attention_inputs()
+    out = rel_bias_attention(q, k, v, table, (3, 3), backend="auto")
+    assert calls == [] and torch.equal(out, rel_bias_attention_eager(q, k, v, table, (3, 3), 8 ** -0.5))
+    with pytest.raises(BackendUnavailableError, match=r"ext: head dim 8 is not supported") as info:
+        rel_bias_attention(q, k, v, table, (3, 3), backend="ext")
+    assert info.value.reasons == {"ext": ["head dim 8 is not supported (needs 16, 32, 64 or 128)"]}
+
+
+def test_error_lists_every_backend_when_nothing_fits(table_snapshot):
+    dispatch.register("dwconv_bn_gelu", "eager", None, available=lambda: "eager disabled for this test")
+    c = 2
+    with pytest.raises(BackendUnavailableError) as info:
+        dwconv_bn_gelu(torch.randn(2, c, 4, 4), torch.randn(c, 1, 3, 3), torch.ones(c), torch.zeros(c),
+                       torch.zeros(c), torch.ones(c), training=False)
+    assert set(info.value.reasons) == set(dispatch.AUTO_ORDER)
+    assert "eager disabled for this test" in str(info.value)
+
+
+def test_register_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.register("rel_bias_attention", "cuda", rel_bias_attention_eager)
+
+
+def test_set_backend_swaps_every_fusable_module_and_back(table_snapshot):
+    # Stand-ins for the fused backends: the eager maths, recording that they ran.
+    calls = []
+    for op, eager in (("rel_bias_attention", dispatch._TABLE["rel_bias_attention"]["eager"].impl),
+                      ("dwconv_bn_gelu", dispatch._TABLE["dwconv_bn_gelu"]["eager"].impl)):
+        def impl(*args, _op=op, _eager=eager):
+            calls.append(_op)
+            return _eager(*args)
+        dispatch.register(op, "triton", impl)
+
+    model = CoAtNet(**SMALL)
+    keys = list(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    expected = model(x)
+    assert calls == []
+    assert set_backend(model, "triton") is model and get_backend(model) == "triton"
+    assert list(model.state_dict()) == keys
+    assert all(m.backend == "triton" for m in model.modules() if isinstance(m, (Attention, DWConvBNGELU)))
+    assert torch.equal(model(x), expected)
+    n_attn = sum(isinstance(m, Attention) for m in model.modules())
+    n_dw = sum(isinstance(m, DWConvBNGELU) for m in model.modules())
+    assert sorted(calls) == sorted(["rel_bias_attention"] * n_attn + ["dwconv_bn_gelu"] * n_dw)
+    calls.clear()
+    set_backend(model, "eager")
+    assert get_backend(model) == "eager" and torch.equal(model(x), expected) and calls == []
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if any(dispatch.why_not(op, b) for op in dispatch.ops())])
+def test_set_backend_to_an_unavailable_backend_raises_and_changes_nothing(backend):
+    model = CoAtNet(**SMALL)
+    with pytest.raises(BackendUnavailableError, match="not available"):
+        set_backend(model, backend)
+    assert get_backend(model) == "eager"
+    with pytest.raises(BackendUnavailableError, match="not available"):
+        CoAtNet(backend=backend, **SMALL)
+
+
+def test_set_backend_auto_runs_and_matches_eager():
+    model = CoAtNet(**SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    set_backend(model, "auto")
+    assert get_backend(model) == "auto"
+    assert torch.equal(model(x), expected)
+
+
+def test_set_backend_unknown_name():
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'fast'"):
+        set_backend(CoAtNet(**SMALL), "fast")
+
+
+def test_dwconv_module_follows_batchnorm_momentum_none():
+    """momentum=None: cumulative average over num_batches_tracked, exactly as nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    fused = DWConvBNGELU(5)
+    fused[1].momentum = None
+    plain = torch.nn.Sequential(*[m for m in DWConvBNGELU(5)])
+    plain[1].momentum = None
+    plain.load_state_dict(fused.state_dict())
+    for _ in range(3):
+        x = torch.randn(2, 5, 6, 6)
+        assert torch.allclose(fused(x), plain(x), atol=1e-6)
+    for key, value in plain.state_dict().items():
+        assert torch.allclose(fused.state_dict()[key].double(), value.double(), atol=1e-6), key
+    assert int(fused[1].num_batches_tracked) == 3
+
+
+def test_import_has_no_side_effects():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, coatnet_fast; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised'; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+def test_public_api():
+    for name in ["CoAtNet", "create_model", "list_models", "set_backend", "coatnet_0", "coatnet_4", "ops", "__version__"]:
+        assert hasattr(coatnet_fast, name), name
+    assert coatnet_fast.ops.rel_bias_attention is rel_bias_attention
+    assert coatnet_fast.ops.dwconv_bn_gelu is dwconv_bn_gelu

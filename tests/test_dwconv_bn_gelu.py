@@ -1,0 +1,143 @@
+"""dwconv_bn_gelu: every usable backend against an independent float64 computation."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coatnet_fast.ops import BackendUnavailableError, dispatch, dwconv_bn_gelu
+from reference import TOLERANCE, dwconv_bn_gelu_reference, relative_error
+
+OP = "dwconv_bn_gelu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(shape, device, dtype, seed=0, channel_mean=0.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) + channel_mean
+    weight = torch.randn(c, 1, 3, 3, generator=g, dtype=torch.float64) / 3
+    gamma = 1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
+    beta = 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
+    mean = 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
+    var = 0.5 + torch.rand(c, generator=g, dtype=torch.float64)
+    return x, weight, gamma, beta, mean, var, g
+
+
+def check(backend, shape, stride, training, channels_last, dtype, device, momentum=0.1, channel_mean=0.0, seed=0):
+    x64, w64, g64, b64, m64, v64, gen = make_inputs(shape, device, dtype, seed, channel_mean)
+    ho, wo = (shape[2] - 1) // stride + 1, (shape[3] - 1) // stride + 1
+    grad_out = torch.randn(shape[0], shape[1], ho, wo, generator=gen, dtype=torch.float64).to(device)
+
+    x = x64.to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = [t.to(device, dtype).requires_grad_(True) for t in (w64, g64, b64)]
+    x.requires_grad_(True)
+    running_mean, running_var = m64.to(device, dtype), v64.to(device, dtype)
+    out = dwconv_bn_gelu(x, *params, running_mean, running_var, training=training, momentum=momentum,
+                         stride=stride, backend=backend)
+    grads = torch.autograd.grad(out, [x] + params, grad_out.to(out.dtype))
+
+    ref_in = [t.clone().requires_grad_(True) for t in (x64, w64, g64, b64)]
+    ref_out, ref_mean, ref_var = dwconv_bn_gelu_reference(*ref_in, m64, v64, training, momentum, 1e-5, stride)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, grad_out.cpu())
+
+    assert out.shape == ref_out.shape and out.dtype == dtype
+    checks = zip(
+        ("out", "dx", "dweight", "dbn_weight", "dbn_bias", "running_mean", "running_var"),
+        (out,) + grads + (running_mean, running_var),
+        (ref_out,) + ref_grads + (ref_mean, ref_var),
+    )
+    for name, a, b in checks:
+        err = relative_error(a, b)
+        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+SHAPES = [(2, 6, 9, 7), (3, 5, 8, 8), (1, 3, 7, 7), (2, 4, 13, 11)]
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_matches_reference_fp32(backend, shape, stride, training, channels_last, device):
+    check(backend, shape, stride, training, channels_last, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_reference_dtypes(backend, dtype, training, device):
+    check(backend, (2, 6, 9, 7), 1, training, True, dtype, device)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_large_mean_channel_keeps_its_variance(backend, device):
+    """A channel with mean 1e3 and std ~1: naive sum-of-squares statistics lose it in fp32."""
+    check(backend, (4, 3, 12, 12), 1, True, True, torch.float32, device, channel_mean=1e3)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_momentum_values(backend, device):
+    for momentum in (0.0, 0.5, 1.0):
+        check(backend, (2, 3, 6, 5), 1, True, False, torch.float32, device, momentum=momentum)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@settings(max_examples=15, deadline=None)
+@given(
+    b=st.integers(1, 3), c=st.integers(1, 9), h=st.integers(1, 12), w=st.integers(1, 12),
+    stride=st.sampled_from([1, 2]), training=st.booleans(), channels_last=st.booleans(), seed=st.integers(0, 99),
+)
+def test_fuzzed_small_shapes(backend, b, c, h, w, stride, training, channels_last, seed):
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    if training and b * ho * wo < 2:
+        return  # one value per channel has no batch variance; its rejection is tested below
+    check(backend, (b, c, h, w), stride, training, channels_last, torch.float32, torch.device("cpu"), seed=seed)
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if dispatch.why_not(OP, b)])
+def test_unavailable_backend_raises_with_reason(backend):
+    c = 3
+    with pytest.raises(BackendUnavailableError, match=rf"{backend}: .*not available"):
+        dwconv_bn_gelu(torch.randn(2, c, 5, 5), torch.randn(c, 1, 3, 3), torch.ones(c), torch.zeros(c),
+                       torch.zeros(c), torch.ones(c), training=True, backend=backend)
+
+
+def _good(**overrides):
+    c = 4
+    args = dict(x=torch.randn(2, c, 6, 6), weight=torch.randn(c, 1, 3, 3), bn_weight=torch.ones(c),
+                bn_bias=torch.zeros(c), running_mean=torch.zeros(c), running_var=torch.ones(c), training=True)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(x=torch.randn(4, 6, 6)), ValueError, r"x must have 4 dims"),
+        (dict(x="image"), TypeError, r"x must be a torch.Tensor"),
+        (dict(weight=torch.randn(4, 1, 5, 5)), ValueError, r"weight must have shape \[C, 1, 3, 3\]"),
+        (dict(weight=torch.randn(5, 1, 3, 3)), ValueError, r"weight must have shape"),
+        (dict(bn_weight=torch.ones(3)), ValueError, r"bn_weight must have shape \[C\] = \[4\]"),
+        (dict(running_var=torch.ones(4, 1)), ValueError, r"running_var must have 1 dims"),
+        (dict(weight=torch.randn(4, 1, 3, 3, dtype=torch.float16)), TypeError, r"weight must have dtype"),
+        (dict(running_mean=torch.zeros(4, dtype=torch.long)), TypeError, r"running_mean must be a floating"),
+        (dict(bn_bias=torch.zeros(4, device="meta")), ValueError, r"bn_bias is on meta but x is on cpu"),
+        (dict(stride=3), ValueError, r"stride must be 1 or 2"),
+        (dict(momentum=1.5), ValueError, r"momentum must be a number in \[0, 1\]"),
+        (dict(momentum=None), ValueError, r"momentum must be a number"),
+        (dict(eps=0.0), ValueError, r"eps must be a positive"),
+        (dict(training=1), TypeError, r"training must be a bool"),
+        (dict(x=torch.randn(1, 4, 1, 1)), ValueError, r"more than one value per channel"),
+        (dict(backend="fast"), ValueError, r"backend must be one of"),
+    ],
+)
+def test_bad_input_names_the_argument(overrides, error, message):
+    args = _good(**overrides)
+    x = args.pop("x")
+    weight = args.pop("weight")
+    positional = [args.pop(k) for k in ("bn_weight", "bn_bias", "running_mean", "running_var")]
+    with pytest.raises(error, match=message):
+        dwconv_bn_gelu(x, weight, *positional, **args)

@@ -1,0 +1,247 @@
+"""The reference model against the seed's own code, and the model family."""
+import copy
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import coatnet_fast
+import seed_coatnet
+from coatnet_fast import CoAtNet, create_model, list_models
+from coatnet_fast.models import Attention
+from coatnet_fast.ops.rel_bias_attention import table_rows
+from reference import rel_bias_attention_reference, relative_error
+
+SMALL = dict(num_blocks=(1, 1, 2, 2, 1), channels=(8, 12, 16, 32, 48), num_classes=10)
+
+
+def randomize(model, seed=0):
+    """Give the parameters the seed leaves at 0 or 1 (bias tables, norms, BN statistics) values that matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("relative_bias_table"):
+                t.copy_(torch.randn(t.shape, generator=g))
+            elif name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith(("running_mean", "bias")) and t.is_floating_point():
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+            elif re.search(r"(norm\d|\.1)\.weight$", name) and t.dim() == 1:
+                t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+    return model
+
+
+def test_same_seed_builds_the_same_weights_and_module_tree():
+    torch.manual_seed(0)
+    seed = seed_coatnet.CoAtNet()
+    torch.manual_seed(0)
+    ours = CoAtNet()
+    assert list(ours.state_dict()) == list(seed.state_dict())
+    for key, value in seed.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    seed_modules = dict(seed.named_modules())
+    ours_modules = dict(ours.named_modules())
+    assert list(ours_modules) == list(seed_modules)
+    for name, module in seed_modules.items():
+        if type(module).__module__.startswith("torch.nn"):
+            assert isinstance(ours_modules[name], type(module)), name
+        else:  # the seed's own classes: ours have the same names
+            assert type(ours_modules[name]).__name__ == type(module).__name__, name
+
+
+def test_state_dict_names_of_the_issue():
+    keys = set(CoAtNet().state_dict())
+    for key in [
+        "s0.0.0.weight", "s1.0.downsample_layer.1.weight", "s1.0.block.expand_conv.0.weight",
+        "s1.1.block.dw_conv.0.weight", "s1.1.block.dw_conv.1.running_var", "s2.0.block.se.fc.0.weight",
+        "s2.2.block.pro_conv.1.bias", "s3.0.proj.weight", "s3.0.attn.relative_bias_table",
+        "s3.0.attn.relative_index", "s3.1.attn.qkv.weight", "s3.1.attn.proj.0.bias", "s4.1.ffn.ffn.3.weight",
+        "s4.1.norm1.weight", "s4.1.norm2.bias", "fc.weight",
+    ]:
+        assert key in keys, key
+
+
+def _seed_and_ours(config):
+    seed = randomize(seed_coatnet.CoAtNet(**config)).double()
+    ours = CoAtNet(**config).double()
+    ours.load_state_dict(seed.state_dict())  # a seed checkpoint loads unchanged
+    return seed, ours
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_matches_seed_default_config_float64(mode):
+    """The defaults ARE the seed model: same outputs, every gradient, BN statistics."""
+    seed, ours = _seed_and_ours({})
+    _compare_with_seed(seed, ours, mode, torch.randn(2, 3, 224, 224, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_matches_seed_small_config_float64(mode):
+    config = dict(image_size=(96, 96), **SMALL)
+    seed, ours = _seed_and_ours(config)
+    _compare_with_seed(seed, ours, mode, torch.randn(3, 3, 96, 96, dtype=torch.float64))
+
+
+def _compare_with_seed(seed, ours, mode, x):
+    seed.train(mode == "train")
+    ours.train(mode == "train")
+    grad_out = torch.randn(x.shape[0], seed.fc.out_features, dtype=torch.float64)
+    out_seed = seed(x)
+    out_ours = ours(x)
+    assert relative_error(out_ours, out_seed) < 1e-12
+    if mode == "train":
+        out_seed.backward(grad_out)
+        out_ours.backward(grad_out)
+        seed_params = dict(seed.named_parameters())
+        for name, p in ours.named_parameters():
+            assert p.grad is not None, name
+            assert relative_error(p.grad, seed_params[name].grad) < 1e-10, name
+    seed_buffers = dict(seed.named_buffers())
+    for name, b in ours.named_buffers():
+        assert torch.allclose(b, seed_buffers[name], rtol=1e-12, atol=0), name
+
+
+def test_checkpoints_move_both_ways():
+    seed = randomize(seed_coatnet.CoAtNet(image_size=(64, 64), **SMALL))
+    buffer = io.BytesIO()
+    torch.save(seed.state_dict(), buffer)
+    buffer.seek(0)
+    ours = CoAtNet(image_size=(64, 64), **SMALL)
+    ours.load_state_dict(torch.load(buffer))
+    back = seed_coatnet.CoAtNet(image_size=(64, 64), **SMALL)
+    back.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    seed.eval(), back.eval(), ours.eval()
+    assert torch.equal(seed(x), back(x))
+    assert relative_error(ours(x), seed(x)) < 1e-6
+
+
+def test_attention_module_matches_independent_formula_non_square():
+    attn = Attention(16, 24, (7, 5), heads=3, dim_head=8).double()
+    with torch.no_grad():
+        attn.relative_bias_table.normal_()
+    x = torch.randn(2, 35, 16, dtype=torch.float64)
+    q, k, v = (attn.qkv(x).view(2, 35, 3, 3, 8)[:, :, i].transpose(1, 2) for i in range(3))
+    expected = rel_bias_attention_reference(q, k, v, attn.relative_bias_table, (7, 5), 8 ** -0.5)
+    expected = attn.proj(expected.transpose(1, 2).reshape(2, 35, 24))
+    assert relative_error(attn(x), expected) < 1e-12
+
+
+def test_non_square_input_224x160():
+    model = CoAtNet(image_size=(224, 160)).eval()
+    assert model.s4[0].attn.relative_bias_table.shape == (table_rows((7, 5)), 8)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 160))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_non_square_small_train_step():
+    model = randomize(CoAtNet(image_size=(64, 96), **SMALL))
+    out = model(torch.randn(2, 3, 64, 96))
+    out.square().mean().backward()
+    assert out.shape == (2, 10)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("image_size", [(200, 224), (224, 100), 48, (0, 32), (32, 32, 32), "224"])
+def test_bad_image_size(image_size):
+    with pytest.raises(ValueError, match="image_size"):
+        CoAtNet(image_size=image_size)
+
+
+def test_input_of_another_size_is_a_clear_error():
+    model = CoAtNet(image_size=(64, 64), **SMALL)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 3, 64, 64\].*got \(1, 3, 96, 64\)"):
+        model(torch.randn(1, 3, 96, 64))
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        model(torch.randn(3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(channels=(64, 96, 192, 384)), "channels"),
+        (dict(num_blocks=(2, 2, 0, 5, 2)), "num_blocks"),
+        (dict(block_types=("C", "C", "T", "X")), "block_types"),
+        (dict(heads=(8, 8, 8)), "heads"),
+        (dict(dim_head=0), "dim_head"),
+        (dict(drop_path_rate=1.5), "drop_path_rate"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CoAtNet(image_size=(64, 64), **kwargs)
+
+
+def test_drop_path_is_off_by_default_and_leaves_the_state_dict():
+    plain = randomize(CoAtNet(image_size=(64, 64), **SMALL))
+    torch.manual_seed(0)
+    dropped = CoAtNet(image_size=(64, 64), drop_path_rate=0.3, **SMALL)
+    assert list(dropped.state_dict()) == list(plain.state_dict())
+    dropped.load_state_dict(plain.state_dict())
+    rates = [blk.drop_path_rate for s in (dropped.s1, dropped.s2, dropped.s3, dropped.s4) for blk in s]
+    assert rates == pytest.approx([0.3 * i / (len(rates) - 1) for i in range(len(rates))])
+    assert all(blk.drop_path_rate == 0.0 for s in (plain.s1, plain.s2, plain.s3, plain.s4) for blk in s)
+
+    x = torch.randn(4, 3, 64, 64)
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(x), dropped(x))  # identity at inference
+    plain.train(), dropped.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(plain(x), dropped(x))  # active in training
+
+
+def test_variants_build_and_run_small():
+    assert list_models() == ["coatnet_0", "coatnet_1", "coatnet_2", "coatnet_3", "coatnet_4", "seed"]
+    for name in list_models():
+        model = create_model(name, image_size=(64, 64), num_classes=10).eval()
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 64, 64))
+        assert out.shape == (1, 10) and torch.isfinite(out).all(), name
+        heads = coatnet_fast.MODEL_CONFIGS[name]["heads"]
+        if name != "seed":
+            widths = coatnet_fast.MODEL_CONFIGS[name]["channels"][1:]
+            assert heads == tuple(w // 32 for w in widths)
+            assert model.s4[0].attn.heads == widths[-1] // 32
+
+
+def test_constructors_and_overrides():
+    torch.manual_seed(0)
+    a = coatnet_fast.coatnet_2(image_size=64, num_classes=5)
+    torch.manual_seed(0)
+    b = create_model("coatnet_2", image_size=(64, 64), num_classes=5)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert a.fc.out_features == 5 and a.s0[0][0].out_channels == 128
+    with pytest.raises(ValueError, match="unknown model 'coatnet_9'"):
+        create_model("coatnet_9")
+
+
+def test_readme_variant_table_matches_built_models():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in list_models():
+        with torch.device("meta"):
+            model = create_model(name)
+        count = sum(p.numel() for p in model.parameters())
+        row = re.search(rf"^\| `{name}` \|.*\| ([\d,]+) \|$", readme, re.M)
+        assert row, f"README has no table row for {name}"
+        assert int(row.group(1).replace(",", "")) == count, name
+
+
+def test_meta_construction_does_not_poison_real_models():
+    with torch.device("meta"):
+        CoAtNet(image_size=(64, 64), **SMALL)
+    model = CoAtNet(image_size=(64, 64), **SMALL)
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    model(torch.randn(2, 3, 64, 64))
+
+
+def test_model_on_device(device):
+    model = randomize(CoAtNet(image_size=(64, 64), **SMALL)).double()
+    reference = copy.deepcopy(model)
+    moved = model.to(device)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert relative_error(moved(x.to(device)), reference(x)) < 1e-10

@@ -1,0 +1,132 @@
+"""rel_bias_attention: every usable backend against an independent float64 computation."""
+import pytest
+import torch
+
+from coatnet_fast.ops import BackendUnavailableError, dispatch, rel_bias_attention, relative_position_index
+from coatnet_fast.ops.rel_bias_attention import table_rows
+from reference import TOLERANCE, rel_bias_attention_reference, relative_error, relative_index_by_loops
+
+OP = "rel_bias_attention"
+# Windows of the model (7x7, 14x14 at 224 input; 12x12 at 384) and odd, non-square ones.
+WINDOWS = [(7, 7), (14, 14), (7, 5), (2, 9), (1, 1), (12, 12)]
+HEAD_DIMS = [16, 32, 64]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(batch, heads, window, d, dtype, device, strided, seed=0, table_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    n = window[0] * window[1]
+    if strided:
+        # The model's layout: three [B, heads, N, d] views of one [B, N, 3 * heads * d] projection.
+        qkv = torch.randn(batch, n, 3 * heads * d, generator=g, dtype=torch.float64)
+        q, k, v = qkv.to(device, dtype).unflatten(-1, (3, heads, d)).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (torch.randn(batch, heads, n, d, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(3))
+    table = torch.randn(table_rows(window), heads, generator=g, dtype=torch.float64).to(device, table_dtype or dtype)
+    grad_out = torch.randn(batch, heads, n, d, generator=g, dtype=torch.float64).to(device)
+    return [t.detach().requires_grad_(True) for t in (q, k, v, table)], grad_out
+
+
+def run(fn, inputs, grad_out, **kwargs):
+    out = fn(*inputs, **kwargs)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    return out, grads
+
+
+def check_against_reference(backend, window, d, dtype, device, strided, batch=2, heads=3):
+    inputs, grad_out = make_inputs(batch, heads, window, d, dtype, device, strided)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    out, grads = run(rel_bias_attention, inputs, grad_out, window=window, backend=backend)
+    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=window)
+    assert out.shape == inputs[0].shape and out.dtype == dtype
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
+        assert a.shape == b.shape, name
+        err = relative_error(a, b)
+        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"{w[0]}x{w[1]}")
+def test_matches_reference_fp32_windows(backend, window, device):
+    check_against_reference(backend, window, 32, torch.float32, device, strided=True)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_matches_reference_dtypes_head_dims(backend, d, dtype, strided, device):
+    check_against_reference(backend, (7, 5), d, dtype, device, strided)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_fp32_table_with_low_precision_activations(backend, device):
+    """Under autocast the table stays an fp32 parameter while q, k, v are half precision."""
+    inputs, grad_out = make_inputs(2, 2, (4, 6), 16, torch.float16, device, True, table_dtype=torch.float32)
+    out, grads = run(rel_bias_attention, inputs, grad_out, window=(4, 6), backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=(4, 6))
+    assert out.dtype == torch.float16 and grads[3].dtype == torch.float32
+    for a, b in zip((out,) + grads, (ref_out,) + ref_grads):
+        assert relative_error(a, b) <= TOLERANCE[torch.float16]
+
+
+def test_explicit_scale_and_default(device):
+    inputs, _ = make_inputs(1, 2, (3, 3), 8, torch.float64, device, False)
+    for scale in (None, 0.3):
+        out = rel_bias_attention(*inputs, (3, 3), scale, backend="eager")
+        ref = rel_bias_attention_reference(*inputs, (3, 3), scale)
+        assert relative_error(out, ref) < 1e-12
+
+
+def test_relative_position_index_matches_loops():
+    for window in [(7, 7), (7, 5), (2, 9), (1, 4)]:
+        assert torch.equal(relative_position_index(*window), relative_index_by_loops(*window))
+
+
+def test_relative_position_index_is_a_copy():
+    a = relative_position_index(3, 3)
+    a.zero_()
+    assert relative_position_index(3, 3).max() == table_rows((3, 3)) - 1
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if dispatch.why_not(OP, b)])
+def test_unavailable_backend_raises_with_reason(backend):
+    inputs, _ = make_inputs(1, 2, (3, 3), 8, torch.float32, "cpu", False)
+    with pytest.raises(BackendUnavailableError, match=rf"{backend}: .*not available"):
+        rel_bias_attention(*inputs, (3, 3), backend=backend)
+
+
+def _good(**overrides):
+    q = torch.randn(2, 3, 12, 8)
+    args = dict(q=q, k=torch.randn(2, 3, 12, 8), v=torch.randn(2, 3, 12, 8),
+                table=torch.randn(table_rows((3, 4)), 3), window=(3, 4))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(q=torch.randn(3, 12, 8)), ValueError, r"q must have 4 dims"),
+        (dict(k=torch.randn(2, 3, 12, 4)), ValueError, r"k must have q's shape"),
+        (dict(v=torch.randn(2, 3, 11, 8)), ValueError, r"v must have q's shape"),
+        (dict(q=[1.0]), TypeError, r"q must be a torch.Tensor"),
+        (dict(window=(4, 4)), ValueError, r"window \(4, 4\) has 16 positions .* N=12"),
+        (dict(window=(3, 0)), ValueError, r"window must be a pair of positive ints"),
+        (dict(window=12), ValueError, r"window must be a pair"),
+        (dict(table=torch.randn(34, 3)), ValueError, r"table must have shape .*\[35, 3\]"),
+        (dict(table=torch.randn(35, 2)), ValueError, r"table must have shape"),
+        (dict(table=torch.randn(35)), ValueError, r"table must have 2 dims"),
+        (dict(k=torch.randn(2, 3, 12, 8, dtype=torch.float64)), TypeError, r"k must have q's dtype"),
+        (dict(table=torch.randn(35, 3, dtype=torch.float16)), TypeError, r"table must have dtype"),
+        (dict(q=torch.ones(2, 3, 12, 8, dtype=torch.long)), TypeError, r"q must be a floating-point"),
+        (dict(table=torch.randn(35, 3, device="meta")), ValueError, r"table is on meta but q is on cpu"),
+        (dict(scale=-1.0), ValueError, r"scale must be a positive finite number"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of"),
+    ],
+)
+def test_bad_input_names_the_argument(overrides, error, message):
+    args = _good(**overrides)
+    with pytest.raises(error, match=message):
+        rel_bias_attention(**args)
