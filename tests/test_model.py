@@ -245,3 +245,23 @@ def test_model_on_device(device):
     moved = model.to(device)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     assert relative_error(moved(x.to(device)), reference(x)) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_compile_traces_the_model_without_graph_breaks(mode):
+    """fullgraph=True fails on any graph break, including in the op dispatch."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = randomize(CoAtNet(image_size=(64, 64), **SMALL)).train(mode == "train")
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    out, expected = compiled(x), model(x)
+    assert relative_error(out, expected) < 1e-5
+    if mode == "train":
+        out.sum().backward()
+        expected.sum().backward()
+        params = dict(model.named_parameters())
+        for name, p in compiled_model.named_parameters():
+            assert relative_error(p.grad, params[name].grad) < 1e-4, name

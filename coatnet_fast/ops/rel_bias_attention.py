@@ -18,14 +18,25 @@ from . import _checks, dispatch
 OP = "rel_bias_attention"
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_index(height: int, width: int, device: torch.device) -> torch.Tensor:
+def _build_index(height: int, width: int, device) -> torch.Tensor:
     # Built on the CPU explicitly, so a surrounding `with torch.device("meta")` cannot leak in.
     rows = torch.arange(height, device="cpu")
     cols = torch.arange(width, device="cpu")
     coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)  # [2, N]
     rel = coords[:, :, None] - coords[:, None, :]  # [2, N(query), N(key)]
     return ((rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)).to(device)
+
+
+# One copy per window and device: eager calls then skip the build and the host-to-device copy.
+_cached_index = functools.lru_cache(maxsize=64)(_build_index)
+
+
+def _index(height: int, width: int, device) -> torch.Tensor:
+    # Under torch.compile the index is traced (and constant-folded) rather than read from a
+    # Python cache that the compiler cannot see into.
+    if torch.compiler.is_compiling():
+        return _build_index(height, width, device)
+    return _cached_index(height, width, device)
 
 
 def relative_position_index(height: int, width: int, device=None) -> torch.Tensor:
@@ -75,7 +86,7 @@ def check_inputs(q, k, v, table, window, scale) -> tuple:
 def rel_bias_attention_eager(q, k, v, table, window, scale):
     """The seed's formulation, op for op (see ``Attention.forward`` in the seed)."""
     n = q.shape[-2]
-    index = _cached_index(window[0], window[1], table.device)
+    index = _index(window[0], window[1], table.device)
     # [N*N, heads] -> [heads, N, N]; index_select's backward sums rows sharing an offset.
     bias = table.index_select(0, index.flatten()).view(n, n, -1).permute(2, 0, 1)
     dots = torch.matmul(q, k.transpose(-1, -2)) * scale

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything one lent GPU session runs, in one call, results under $OUT:
+#   install from the checkout, info, verify, the test suite (CPU and CUDA), the model benchmark.
+# Usage (device tool): COATNET_FAST_COMMIT=<sha> bash bench/gpu_checks.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/coatnet_fast_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export COATNET_FAST_COMMIT=${COATNET_FAST_COMMIT:-unknown}
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || echo "editable install failed (see install.txt); running from PYTHONPATH"
+{ python3 -m coatnet_fast info && python3 -m coatnet_fast verify; } 2>&1 | tee "$OUT/verify.txt" || status=1
+timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
+timeout "${BENCH_TIMEOUT:-330}" python3 bench/bench_model.py ${BENCH_ARGS:-} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
+exit $status
