@@ -2,23 +2,17 @@
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from coatnet_fast._env import device_description, dist_version
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def commit() -> str:
@@ -32,21 +26,16 @@ def commit() -> str:
 
 
 def environment() -> dict:
-    env = {
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(),
-        "python": platform.python_version(),
+        "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "timm": _version("timm"),
+        "triton": dist_version("triton"),
+        "timm": dist_version("timm"),
         "cuda": torch.version.cuda,
+        "device": device_description(),
     }
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env["device"] = f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)"
-    else:
-        env["device"] = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-    return env
 
 
 def write_json(path, payload: dict) -> Path:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
 import sys
@@ -11,29 +10,21 @@ from typing import List, Optional
 import torch
 
 from . import __version__
+from ._env import device_description, dist_version
 from .ops import dispatch
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _device_line() -> str:
     if torch.cuda.is_available():
-        i = torch.cuda.current_device()
-        p = torch.cuda.get_device_properties(i)
-        return (f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-                f"{p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); no CUDA device"
+        return (f"cuda:{torch.cuda.current_device()} {device_description()}, CUDA {torch.version.cuda}, "
+                f"cuDNN {torch.backends.cudnn.version()}")
+    return f"{device_description()}; no CUDA device"
 
 
 def cmd_info(_args) -> int:
     print(f"coatnet-fast {__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}, "
-          f"einops {_version('einops')}, ninja {_version('ninja')}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {dist_version('triton')}, "
+          f"einops {dist_version('einops')}, ninja {dist_version('ninja')}")
     print(f"device: {_device_line()}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
     print("backends (auto tries " + " -> ".join(dispatch.AUTO_ORDER) + "):")
