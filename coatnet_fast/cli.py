@@ -97,6 +97,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, dispatch.BackendUnavailableError) as e:
         print(f"coatnet-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `coatnet-fast info | head`: the reader left, which is fine
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
