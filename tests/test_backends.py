@@ -123,7 +123,8 @@ def test_set_backend_auto_runs_and_matches_eager():
     expected = model(x)
     set_backend(model, "auto")
     assert get_backend(model) == "auto"
-    assert torch.equal(model(x), expected)
+    out = model(x)  # a fused backend may run where usable: equal up to rounding
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
 def test_set_backend_unknown_name():

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 import coatnet_fast
 import seed_coatnet
-from coatnet_fast import CoAtNet, create_model, list_models
+from coatnet_fast import CoAtNet, create_model, list_models, set_backend
+from coatnet_fast.ops import dispatch
 from coatnet_fast.models import Attention
 from coatnet_fast.ops.rel_bias_attention import table_rows
 from reference import rel_bias_attention_reference, relative_error
@@ -247,14 +248,19 @@ def test_model_on_device(device):
     assert relative_error(moved(x.to(device)), reference(x)) < 1e-10
 
 
+def _fused_ops(backend):
+    return [op for op in dispatch.ops() if not dispatch.why_not(op, backend)]
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if _fused_ops(b)])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_torch_compile_traces_the_model_without_graph_breaks(mode):
-    """fullgraph=True fails on any graph break, including in the op dispatch."""
+def test_torch_compile_traces_the_model_without_graph_breaks(backend, mode):
+    """fullgraph=True fails on any graph break, in the op dispatch or at a fused op."""
     import torch._dynamo
 
     torch._dynamo.reset()
     model = randomize(CoAtNet(image_size=(64, 64), **SMALL)).train(mode == "train")
-    compiled_model = copy.deepcopy(model)
+    compiled_model = set_backend(copy.deepcopy(model), backend, _fused_ops(backend))
     compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 64, 64)
     out, expected = compiled(x), model(x)
@@ -265,3 +271,47 @@ def test_torch_compile_traces_the_model_without_graph_breaks(mode):
         params = dict(model.named_parameters())
         for name, p in compiled_model.named_parameters():
             assert relative_error(p.grad, params[name].grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if b != "eager" and _fused_ops(b)])
+def test_model_on_fused_backend_matches_eager(backend, device):
+    """Train (3 steps: outputs, every gradient, BN statistics) and eval, fp32, same weights."""
+    reference = randomize(CoAtNet(image_size=(64, 96), **SMALL)).to(device)
+    fused = set_backend(copy.deepcopy(reference), backend, _fused_ops(backend))
+    for step in range(3):
+        x = torch.randn(2, 3, 64, 96, device=device)
+        out, expected = fused(x), reference(x)
+        assert relative_error(out, expected) < 1e-4, step
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        expected.backward(grad_out)
+        params = dict(reference.named_parameters())
+        for name, p in fused.named_parameters():
+            assert relative_error(p.grad, params[name].grad) < 1e-4, (step, name)
+            p.grad = params[name].grad = None
+    buffers = dict(reference.named_buffers())
+    for name, b in fused.named_buffers():
+        assert relative_error(b.float(), buffers[name].float()) < 1e-5, name
+    fused.eval(), reference.eval()
+    x = torch.randn(3, 3, 64, 96, device=device)
+    assert relative_error(fused(x), reference(x)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if b != "eager" and "rel_bias_attention" in _fused_ops(b)])
+def test_attention_module_hands_the_op_strided_views(backend, monkeypatch):
+    """No copy between the qkv projection and the fused op: q, k, v arrive as its views."""
+    seen = []
+    entry = dispatch._TABLE["rel_bias_attention"][backend]
+
+    def spy(q, k, v, *rest):
+        seen.append((q.stride(), k.data_ptr() - q.data_ptr(), v.data_ptr() - q.data_ptr(), q.element_size()))
+        return entry.impl(q, k, v, *rest)
+
+    monkeypatch.setitem(dispatch._TABLE["rel_bias_attention"], backend,
+                        dispatch.OpBackend(entry.op, backend, spy, entry.available, entry.reasons))
+    attn = Attention(16, 24, (7, 5), heads=3, dim_head=16, backend=backend)
+    attn(torch.randn(2, 35, 16))
+    (stride, k_off, v_off, size), = seen
+    inner = 3 * 16
+    assert stride == (35 * 3 * inner, 16, 3 * inner, 1)
+    assert (k_off, v_off) == (inner * size, 2 * inner * size)

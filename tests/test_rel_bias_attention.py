@@ -1,9 +1,11 @@
 """rel_bias_attention: every usable backend against an independent float64 computation."""
+import re
+
 import pytest
 import torch
 
 from coatnet_fast.ops import BackendUnavailableError, dispatch, rel_bias_attention, relative_position_index
-from coatnet_fast.ops.rel_bias_attention import table_rows
+from coatnet_fast.ops.rel_bias_attention import supported_reasons, table_rows
 from reference import TOLERANCE, rel_bias_attention_reference, relative_error, relative_index_by_loops
 
 OP = "rel_bias_attention"
@@ -33,8 +35,21 @@ def run(fn, inputs, grad_out, **kwargs):
     return out, grads
 
 
+def refused(backend, inputs, window):
+    """A backend may decline inputs it declares unsupported (e.g. bf16 on the CPU
+    interpreter); then it must raise with that reason rather than run."""
+    why = supported_reasons(backend, *inputs, window)
+    if why:
+        assert backend != "eager", why
+        with pytest.raises(BackendUnavailableError, match=re.escape(why[0])):
+            rel_bias_attention(*inputs, window, backend=backend)
+    return bool(why)
+
+
 def check_against_reference(backend, window, d, dtype, device, strided, batch=2, heads=3):
     inputs, grad_out = make_inputs(batch, heads, window, d, dtype, device, strided)
+    if refused(backend, inputs, window):
+        return
     ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
     out, grads = run(rel_bias_attention, inputs, grad_out, window=window, backend=backend)
     ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=window)
@@ -63,6 +78,8 @@ def test_matches_reference_dtypes_head_dims(backend, d, dtype, strided, device):
 def test_fp32_table_with_low_precision_activations(backend, device):
     """Under autocast the table stays an fp32 parameter while q, k, v are half precision."""
     inputs, grad_out = make_inputs(2, 2, (4, 6), 16, torch.float16, device, True, table_dtype=torch.float32)
+    if refused(backend, inputs, (4, 6)):
+        return
     out, grads = run(rel_bias_attention, inputs, grad_out, window=(4, 6), backend=backend)
     ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
     ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=(4, 6))
@@ -130,3 +147,76 @@ def test_bad_input_names_the_argument(overrides, error, message):
     args = _good(**overrides)
     with pytest.raises(error, match=message):
         rel_bias_attention(**args)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_above_one_key_tile(backend, device):
+    """24x24 = 576 keys: several key tiles, so the online softmax and dq accumulation run."""
+    check_against_reference(backend, (24, 24), 32, torch.float32, device, strided=True, batch=2, heads=2)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_gradients_are_deterministic(backend, device):
+    inputs, grad_out = make_inputs(5, 3, (7, 7), 32, torch.float32, device, True)
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run(rel_bias_attention, inputs, grad_out, window=(7, 7), backend=backend)
+        second = run(rel_bias_attention, inputs, grad_out, window=(7, 7), backend=backend)
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    for a, b in zip((first[0],) + first[1], (second[0],) + second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
+def test_fused_kernels_write_every_output_element(backend, device, monkeypatch):
+    """Outputs and gradients allocated NaN-filled: any element a kernel skips shows up."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def poisoned_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty_like", poisoned_like)
+    check_against_reference(backend, (7, 5), 16, torch.float32, device, strided=True, batch=3, heads=2)
+    check_against_reference(backend, (24, 24), 16, torch.float32, device, strided=False, batch=1, heads=1)
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
+def test_auto_picks_the_fused_backend_where_it_can(backend, device, monkeypatch):
+    """"auto" takes a capable fused backend (proved by the call landing in it), and eager
+    for inputs it declines (head dim 8)."""
+    calls = []
+    entry = dispatch._TABLE[OP][backend]
+    monkeypatch.setitem(dispatch._TABLE[OP], backend, dispatch.OpBackend(
+        OP, backend, lambda *a: calls.append(1) or entry.impl(*a), entry.available, entry.reasons))
+    inputs, _ = make_inputs(1, 2, (3, 3), 16, torch.float32, device, False)
+    rel_bias_attention(*inputs, (3, 3))
+    assert calls == [1]
+    inputs, _ = make_inputs(1, 2, (3, 3), 8, torch.float32, device, False)
+    assert supported_reasons(backend, *inputs, (3, 3))
+    rel_bias_attention(*inputs, (3, 3))
+    assert calls == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with ~30 GB free: 2**31-element q, k, v, o")
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
+def test_offsets_past_32_bits(backend):
+    """B * heads * N * d > 2**31: the last batch items must still be right (int64 offsets)."""
+    if torch.cuda.mem_get_info()[0] < 30 * 2**30:
+        pytest.fail("this GPU has less than 30 GB free for the 32-bit overflow test")
+    heads, window, d = 4, (7, 7), 32
+    batch = 2**31 // (heads * 49 * d) + 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, 49, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    table = torch.randn(table_rows(window), heads, device="cuda", generator=g)
+    out = rel_bias_attention(q, k, v, table, window, backend=backend)
+    tail = slice(batch - 3, batch)
+    expected = rel_bias_attention_reference(q[tail].double(), k[tail].double(), v[tail].double(), table.double(), window)
+    assert relative_error(out[tail], expected) <= TOLERANCE[torch.bfloat16]

@@ -6,6 +6,8 @@ dicts move freely between backends) and routes its forward through one functiona
 """
 from __future__ import annotations
 
+from typing import Iterable, Optional
+
 import torch
 import torch.nn as nn
 
@@ -69,16 +71,24 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
-def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Route every fusable module of ``model`` through ``backend``, in place; returns ``model``.
+def set_backend(model: nn.Module, backend: str, ops: Optional[Iterable[str]] = None) -> nn.Module:
+    """Route the fusable modules of ``model`` through ``backend``, in place; returns ``model``.
 
+    ``ops`` limits the switch to the modules of those ops (e.g. ``["rel_bias_attention"]``
+    while a backend has no kernel for the others); by default every fusable module moves.
     Parameters, buffers and ``state_dict()`` keys do not change, so this can be undone by
-    calling it again with "eager". A backend that cannot run an op of the model on this
-    machine at all raises here, with the reasons; limits that depend on the inputs are
-    checked at call time ("auto" then falls back to eager, a named backend raises).
+    calling it again with "eager". A backend that cannot run one of the chosen ops on this
+    machine at all raises here, with the reasons; limits that depend on the inputs are checked
+    at call time ("auto" then falls back to eager, a named backend raises).
     """
     dispatch.check_backend_name(backend)
     modules = [m for m in model.modules() if isinstance(m, FusedOpModule)]
+    if ops is not None:
+        ops = set(ops)
+        unknown = ops - set(dispatch.ops())
+        if unknown:
+            raise ValueError(f"ops must be names from {dispatch.ops()}; got {sorted(unknown)}")
+        modules = [m for m in modules if m.fused_op in ops]
     if backend != "auto":
         missing = {}
         for op in sorted({m.fused_op for m in modules}):
@@ -91,7 +101,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
             )
     for m in modules:
         m.backend = backend
-    if hasattr(model, "backend") and not isinstance(model, FusedOpModule):
+    if ops is None and hasattr(model, "backend") and not isinstance(model, FusedOpModule):
         model.backend = backend
     return model
 

@@ -10,6 +10,8 @@ caller names either runs or raises with its reasons, never falling back behind t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 BACKENDS: tuple = ("eager", "triton", "ext")
@@ -76,6 +78,27 @@ def not_in_this_build(what: str) -> Callable[[], Optional[str]]:
     """An ``available`` answer for a backend whose kernel this version does not ship."""
     message = f"not available: {what} is not part of this version of coatnet-fast"
     return lambda: message
+
+
+def interpreting() -> bool:
+    """Triton kernels run on CPU tensors through Triton's interpreter (set before import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Looked up once at import (find_spec locates triton without importing it), so that
+# torch.compile traces a constant here.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> Optional[str]:
+    """Whether Triton kernels can run on this installation and machine (None: yes)."""
+    import torch
+
+    if not _TRITON_INSTALLED:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and not interpreting():
+        return "needs a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is imported) for the CPU interpreter"
+    return None
 
 
 def ops() -> List[str]:

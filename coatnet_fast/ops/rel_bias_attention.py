@@ -9,7 +9,7 @@ backend table entries; fused kernels live in ``coatnet_fast.kernels``.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -97,8 +97,86 @@ def rel_bias_attention_eager(q, k, v, table, window, scale):
     return torch.matmul(attn.to(v.dtype), v)
 
 
+# --- triton backend: custom ops (visible to torch.compile), autograd, dispatch entry ---------
+
+@torch.library.custom_op("coatnet_fast::rel_bias_attention_triton", mutates_args=())
+def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                    height: int, width: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    from coatnet_fast.kernels.rel_bias_attention import rel_bias_attention_fwd
+
+    return rel_bias_attention_fwd(q, k, v, table, height, width, scale)
+
+
+@_triton_forward.register_fake
+def _(q, k, v, table, height, width, scale):
+    batch, heads, n, d = q.shape
+    return q.new_empty((batch, heads, n, d)), q.new_empty((batch, heads, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("coatnet_fast::rel_bias_attention_triton_backward", mutates_args=())
+def _triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                     o: torch.Tensor, lse: torch.Tensor, height: int, width: int,
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from coatnet_fast.kernels.rel_bias_attention import rel_bias_attention_bwd
+
+    return rel_bias_attention_bwd(do, q, k, v, table, o, lse, height, width, scale)
+
+
+@_triton_backward.register_fake
+def _(do, q, k, v, table, o, lse, height, width, scale):
+    shape = tuple(q.shape)
+    return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape), torch.empty_like(table)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, height, width, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, table, o, lse)
+    ctx.window = (height, width)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, table, o, lse = ctx.saved_tensors
+    dq, dk, dv, dtable = _triton_backward(do, q, k, v, table, o, lse, ctx.window[0], ctx.window[1], ctx.scale)
+    return dq, dk, dv, dtable, None, None, None
+
+
+torch.library.register_autograd("coatnet_fast::rel_bias_attention_triton", _backward, setup_context=_setup_context)
+
+
+def rel_bias_attention_triton(q, k, v, table, window, scale):
+    if torch.is_autocast_enabled(q.device.type):
+        # What autocast does to the eager matmuls: q, k, v in the autocast dtype; the table
+        # stays fp32 and the softmax runs in fp32 inside the kernel.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return _triton_forward(q, k, v, table, window[0], window[1], scale)[0]
+
+
+def _triton_reasons(q, k, v, table, window, scale) -> List[str]:
+    from coatnet_fast.kernels.rel_bias_attention import SUPPORTED_HEAD_DIMS  # noqa: F401 (triton import)
+
+    why = []
+    on_cpu = q.device.type == "cpu"
+    if q.device.type != "cuda" and not (on_cpu and dispatch.interpreting()):
+        why.append(f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {q.device}")
+    if q.shape[-1] not in _TRITON_HEAD_DIMS:
+        why.append(f"head dim d={q.shape[-1]} is not supported (supported: {_TRITON_HEAD_DIMS})")
+    dtype = q.dtype
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        why.append(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
+    elif on_cpu and dtype == torch.bfloat16:
+        why.append("bfloat16 on the CPU interpreter is not supported: its tl.dot returns wrong values for bf16")
+    return why
+
+
+_TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
 dispatch.register(OP, "eager", rel_bias_attention_eager)
-dispatch.register(OP, "triton", None, available=dispatch.not_in_this_build("the Triton kernel for rel_bias_attention"))
+dispatch.register(OP, "triton", rel_bias_attention_triton, available=dispatch.triton_available, reasons=_triton_reasons)
 dispatch.register(OP, "ext", None, available=dispatch.not_in_this_build("the C++/CUDA extension for rel_bias_attention"))
 
 

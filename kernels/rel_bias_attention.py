@@ -1,0 +1,305 @@
+"""Triton kernels for pre-softmax relative-bias attention, and their launch wrappers.
+
+Forward, per (batch, head) and query tile: s = q k^T * scale + table[offset(i, j), head], with
+the offset computed from the query and key positions and the window (no [N, N] index is read,
+no [heads, N, N] bias is built); online softmax in fp32 over key tiles; o = p v; the row
+log-sum-exp is written for the backward.
+
+Backward, recomputing the probabilities from the saved log-sum-exp (nothing of size
+[B, heads, N, N] is stored):
+- ``_bwd_dkdv``: per (batch, head) and key tile, loop over query tiles -> dk, dv.
+- ``_bwd_dq_dbias``: per (head, query tile, batch group), loop over key tiles and the group's
+  batch items -> dq and d(bias) summed over the group, into [groups, heads, N, N] partials.
+  The number of groups depends on the machine, not on the batch, so memory does not grow
+  with the batch.
+- ``_bias_to_table``: each table row sums the partials of every (group, i, j) with its offset.
+Every output element is written by exactly one program in a fixed order, so gradients are
+bit-identical from run to run (no atomics).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W):
+    """table[offset(i, j), h] for a tile of query rows offs_m and key columns offs_n, in fp32."""
+    yi = offs_m // W
+    xi = offs_m % W
+    yj = offs_n // W
+    xj = offs_n % W
+    row = (yi[:, None] - yj[None, :] + H - 1) * (2 * W - 1) + (xi[:, None] - xj[None, :] + W - 1)
+    valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+    return tl.load(T + row * st_r + h * st_h, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd(
+    Q, K, V, T, O, LSE,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    so_b, so_h, so_n, so_d,
+    st_r, st_h,
+    n_heads, N, H, W, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)  # int64: B * heads * N * d may pass 2**31
+    pid_m = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+                    mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+                    mask=col_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale + _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, T, DO, LSE, DELTA, DK, DV,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_n, sdo_d,
+    st_r, st_h,
+    n_heads, N, H, W, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < N
+    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
+                     mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale + _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        if IEEE:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+        else:
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out = pid_bh * N * D + offs_n[:, None] * D + offs_d[None, :]  # DK, DV: contiguous [B, heads, N, D]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_dbias(
+    Q, K, V, T, DO, LSE, DELTA, DQ, DBIAS,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_n, sdo_d,
+    st_r, st_h,
+    batch, n_heads, n_groups, N, H, W, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_hg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    h = (pid_hg // n_groups).to(tl.int64)
+    g = pid_hg % n_groups
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        bias = _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
+        dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for b32 in range(g, batch, n_groups):
+            b = h * 0 + b32  # int64 (h is), in the interpreter too
+            bh = b * n_heads + h
+            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+                        mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
+                         mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+            k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+                        mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+                        mask=col_ok[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+                dp = tl.dot(do, tl.trans(v))
+            p = tl.exp(s * scale + bias - lse[:, None])
+            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+            ds = p * (dp - delta[:, None])
+            dbias += ds
+            if IEEE:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
+            else:
+                dq = tl.dot(ds.to(k.dtype), k) * scale
+            # DQ is an fp32 [B, heads, N, D] accumulator owned row-wise by this program: the
+            # first key tile stores, later ones add, so nothing needs zeroing beforehand.
+            dq_ptr = DQ + bh * N * D + offs_m[:, None] * D + offs_d[None, :]
+            if start_n > 0:
+                dq += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+            tl.store(dq_ptr, dq, mask=row_ok[:, None])
+        out = ((g * n_heads + h) * N + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(DBIAS + out, dbias, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _bias_to_table(
+    DBIAS, DT, st_r, st_h,
+    n_heads, n_groups, N, H, W, R,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """DT[r, h] = sum over groups g and queries i of DBIAS[g, h, i, j(i, r)] (j valid)."""
+    h = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dy = offs_r // (2 * W - 1) - (H - 1)
+    dx = offs_r % (2 * W - 1) - (W - 1)
+    acc = tl.zeros([BLOCK_R], tl.float32)
+    for g in range(0, n_groups):
+        for start_i in range(0, N, BLOCK_I):
+            offs_i = start_i + tl.arange(0, BLOCK_I)
+            yj = (offs_i // W)[None, :] - dy[:, None]
+            xj = (offs_i % W)[None, :] - dx[:, None]
+            ok = (offs_r[:, None] < R) & (offs_i[None, :] < N) & (yj >= 0) & (yj < H) & (xj >= 0) & (xj < W)
+            j = yj * W + xj
+            vals = tl.load(DBIAS + ((g * n_heads + h) * N + offs_i[None, :]) * N + j, mask=ok, other=0.0)
+            acc += tl.sum(vals, 1)
+    tl.store(DT + offs_r * st_r + h * st_h, acc.to(DT.dtype.element_ty), mask=offs_r < R)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _blocks(n: int, d: int):
+    """Tile sizes: the whole window in one key tile up to 128 keys; smaller tiles for large d."""
+    block_n = min(128 if d <= 64 else 64, max(16, triton.next_power_of_2(n)))
+    block_m = min(64, max(16, triton.next_power_of_2(n)))
+    num_warps = 4 if block_m * block_n <= 64 * 64 else 8
+    return block_m, block_n, num_warps
+
+
+def _strides(t: torch.Tensor):
+    return tuple(t.stride())
+
+
+def rel_bias_attention_fwd(q, k, v, table, height: int, width: int, scale: float):
+    """o [B, heads, N, d] (q's dtype, contiguous) and lse [B, heads, N] fp32."""
+    batch, heads, n, d = q.shape
+    o = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+    block_m, block_n, num_warps = _blocks(n, d)
+    grid = (batch * heads, triton.cdiv(n, block_m))
+    _fwd[grid](
+        q, k, v, table, o, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(table),
+        heads, n, height, width, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+    )
+    return o, lse
+
+
+def _batch_groups(batch: int, programs: int, device: torch.device) -> int:
+    """Batch groups for the dq/d(bias) kernel: enough programs to fill the GPU, never more
+    than the batch; independent of the batch beyond that, so partials stay small."""
+    if device.type != "cuda":
+        return min(batch, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(batch, math.ceil(2 * sms / programs)))
+
+
+def rel_bias_attention_bwd(do, q, k, v, table, o, lse, height: int, width: int, scale: float):
+    """dq, dk, dv (q's dtype) and dtable (table's dtype)."""
+    batch, heads, n, d = q.shape
+    ieee = q.dtype == torch.float32
+    delta = (o.float() * do.float()).sum(-1)  # [B, heads, N] fp32
+    dk = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
+    dv = torch.empty_like(dk)
+    block_m, block_n, num_warps = _blocks(n, d)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(table))
+    _bwd_dkdv[(batch * heads, triton.cdiv(n, block_n))](
+        q, k, v, table, do, lse, delta, dk, dv, *common, heads, n, height, width, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d, IEEE=ieee, num_warps=num_warps,
+    )
+    m_tiles = triton.cdiv(n, block_m)
+    groups = _batch_groups(batch, heads * m_tiles, q.device)
+    dq = torch.empty((batch, heads, n, d), dtype=torch.float32, device=q.device)
+    dbias = torch.empty((groups, heads, n, n), dtype=torch.float32, device=q.device)
+    _bwd_dq_dbias[(heads * groups, m_tiles)](
+        q, k, v, table, do, lse, delta, dq, dbias, *common, batch, heads, groups, n, height, width, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d, IEEE=ieee, num_warps=num_warps,
+    )
+    rows = table.shape[0]
+    dtable = torch.empty_like(table)
+    block_r = 32
+    _bias_to_table[(heads, triton.cdiv(rows, block_r))](
+        dbias, dtable, *_strides(dtable), heads, groups, n, height, width, rows,
+        BLOCK_R=block_r, BLOCK_I=min(64, max(16, triton.next_power_of_2(n))), num_warps=4,
+    )
+    return dq.to(q.dtype), dk, dv, dtable
