@@ -72,8 +72,11 @@ def provider_fns(window, device):
 
         # On CUDA only the memory-efficient kernel returns the mask gradient; the CPU has math.
         backend = SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+        # The memory-efficient kernel wants the mask's rows 16-element aligned: pad, then view.
+        padded = (n + 15) // 16 * 16
+        mask = F.pad(gathered_bias(table, q.dtype), (0, padded - n))[..., :n].unsqueeze(0)
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=gathered_bias(table, q.dtype).unsqueeze(0))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     fns = {"eager": lambda q, k, v, t: rel_bias_attention(q, k, v, t, window, backend="eager"), "sdpa": sdpa}
     for backend in dispatch.BACKENDS:
@@ -83,7 +86,13 @@ def provider_fns(window, device):
     if device.type == "cuda":
         from torch.nn.attention.flex_attention import flex_attention
 
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex_compiled = torch.compile(flex_attention, dynamic=False)
+        # Queries shorter than 128 go to the decoding kernel unless told otherwise
+        # (PRIOR_ART.md); at N = 49 that path returned wrong results here.
+        options = {"FORCE_USE_FLEX_ATTENTION": True} if n < 128 else None
+
+        def flex(q, k, v, score_mod):
+            return flex_compiled(q, k, v, score_mod=score_mod, kernel_options=options)
 
         def flex_table(q, k, v, table):
             def score_mod(score, b, h, q_idx, kv_idx):

@@ -233,16 +233,64 @@ def _bias_to_table(
     tl.store(DT + offs_r * st_r + h * st_h, acc.to(DT.dtype.element_ty), mask=offs_r < R)
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+def _config(block_m, block_n, num_warps, num_stages=2):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _blocks(n: int, d: int):
-    """Tile sizes: the whole window in one key tile up to 128 keys; smaller tiles for large d."""
-    block_n = min(128 if d <= 64 else 64, max(16, triton.next_power_of_2(n)))
-    block_m = min(64, max(16, triton.next_power_of_2(n)))
-    num_warps = 4 if block_m * block_n <= 64 * 64 else 8
-    return block_m, block_n, num_warps
+# Short lists, pruned per window size (tiles past the padded window only waste work).
+FWD_CONFIGS = [_config(*c) for c in [(16, 64, 2), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4),
+                                     (64, 128, 8), (128, 64, 8), (128, 128, 8)]]
+DKDV_CONFIGS = [_config(*c) for c in [(16, 32, 2), (32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 4),
+                                      (64, 128, 8), (128, 64, 8)]]
+DQ_DBIAS_CONFIGS = [_config(*c) for c in [(16, 64, 2), (32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 4),
+                                          (32, 128, 4), (64, 128, 8)]]
+
+
+def _prune(configs, named_args, **_kwargs):
+    cap = max(16, triton.next_power_of_2(named_args["N"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
+    return kept or configs[:1]
+
+
+def _tuned(kernel, configs):
+    # Keyed on the window size and head dim (tensor dtypes are part of Triton's key too).
+    # Every kernel writes each output element once (no accumulation into its inputs), so
+    # re-running it during tuning is harmless.
+    return triton.autotune(configs, key=["N", "D"], prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_fwd_tuned = _tuned(_fwd, FWD_CONFIGS)
+_bwd_dkdv_tuned = _tuned(_bwd_dkdv, DKDV_CONFIGS)
+_bwd_dq_dbias_tuned = _tuned(_bwd_dq_dbias, DQ_DBIAS_CONFIGS)
+
+
+def autotuning(t: torch.Tensor) -> bool:
+    """Autotune on GPUs unless COATNET_FAST_AUTOTUNE=0 (the test suite's setting: many shapes)."""
+    return t.device.type == "cuda" and os.environ.get("COATNET_FAST_AUTOTUNE", "1") != "0"
+
+
+def _fixed(n: int, d: int, device: torch.device) -> dict:
+    """Tiles when not autotuning. The CPU interpreter runs programs one by one, so it gets few,
+    large tiles; GPUs get light tiles that keep several programs resident per SM."""
+    cap = max(16, triton.next_power_of_2(n))
+    if device.type == "cpu":
+        return dict(BLOCK_M=min(64, cap), BLOCK_N=min(128 if d <= 64 else 64, cap), num_warps=4)
+    return dict(BLOCK_M=min(32, cap), BLOCK_N=min(64, cap), num_warps=4, num_stages=2)
+
+
+# Tiles pinned per kernel (tests run every config of the tuning lists through this).
+FORCED_TILES: dict = {}
+
+
+def _launch(kernel, tuned, grid, args, constexprs: dict, n: int, d: int, t: torch.Tensor):
+    """Run ``kernel`` with autotuned tiles on a GPU, fixed ones otherwise; ``grid(BLOCK_M,
+    BLOCK_N)`` gives the launch grid for the chosen tiles."""
+    forced = FORCED_TILES.get(kernel)
+    if forced is None and autotuning(t):
+        tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+        return
+    cfg = _fixed(n, d, t.device) if forced is None else forced
+    kernel[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **constexprs, **cfg)
 
 
 def _strides(t: torch.Tensor):
@@ -254,47 +302,43 @@ def rel_bias_attention_fwd(q, k, v, table, height: int, width: int, scale: float
     batch, heads, n, d = q.shape
     o = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
-    block_m, block_n, num_warps = _blocks(n, d)
-    grid = (batch * heads, triton.cdiv(n, block_m))
-    _fwd[grid](
-        q, k, v, table, o, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(table),
-        heads, n, height, width, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, D=d, IEEE=q.dtype == torch.float32, num_warps=num_warps,
-    )
+    args = (q, k, v, table, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(table),
+            heads, n, height, width, scale)
+    _launch(_fwd, _fwd_tuned, lambda bm, bn: (batch * heads, triton.cdiv(n, bm)), args,
+            dict(D=d, IEEE=q.dtype == torch.float32), n, d, q)
     return o, lse
 
 
-def _batch_groups(batch: int, programs: int, device: torch.device) -> int:
-    """Batch groups for the dq/d(bias) kernel: enough programs to fill the GPU, never more
-    than the batch; independent of the batch beyond that, so partials stay small."""
+def _batch_groups(batch: int, heads: int, n: int, device: torch.device) -> int:
+    """Batch groups for the dq/d(bias) kernel: enough programs to keep every SM busy (counted
+    at 32-row query tiles), never more than the batch. It depends on the machine and the
+    window, not on the batch size, so the [groups, heads, N, N] partials stay bounded."""
     if device.type != "cuda":
         return min(batch, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(batch, math.ceil(2 * sms / programs)))
+    return max(1, min(batch, math.ceil(8 * sms / (heads * triton.cdiv(n, 32)))))
 
 
 def rel_bias_attention_bwd(do, q, k, v, table, o, lse, height: int, width: int, scale: float):
     """dq, dk, dv (q's dtype) and dtable (table's dtype)."""
     batch, heads, n, d = q.shape
-    ieee = q.dtype == torch.float32
-    delta = (o.float() * do.float()).sum(-1)  # [B, heads, N] fp32
+    constexprs = dict(D=d, IEEE=q.dtype == torch.float32)
+    delta = (o.float() * do.float()).sum(-1)  # [B, heads, N] fp32: rowsum(o * do)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(table))
+
     dk = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
     dv = torch.empty_like(dk)
-    block_m, block_n, num_warps = _blocks(n, d)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(table))
-    _bwd_dkdv[(batch * heads, triton.cdiv(n, block_n))](
-        q, k, v, table, do, lse, delta, dk, dv, *common, heads, n, height, width, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, D=d, IEEE=ieee, num_warps=num_warps,
-    )
-    m_tiles = triton.cdiv(n, block_m)
-    groups = _batch_groups(batch, heads * m_tiles, q.device)
+    _launch(_bwd_dkdv, _bwd_dkdv_tuned, lambda bm, bn: (batch * heads, triton.cdiv(n, bn)),
+            (q, k, v, table, do, lse, delta, dk, dv, *common, heads, n, height, width, scale),
+            constexprs, n, d, q)
+
+    groups = _batch_groups(batch, heads, n, q.device)
     dq = torch.empty((batch, heads, n, d), dtype=torch.float32, device=q.device)
     dbias = torch.empty((groups, heads, n, n), dtype=torch.float32, device=q.device)
-    _bwd_dq_dbias[(heads * groups, m_tiles)](
-        q, k, v, table, do, lse, delta, dq, dbias, *common, batch, heads, groups, n, height, width, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, D=d, IEEE=ieee, num_warps=num_warps,
-    )
+    _launch(_bwd_dq_dbias, _bwd_dq_dbias_tuned, lambda bm, bn: (heads * groups, triton.cdiv(n, bm)),
+            (q, k, v, table, do, lse, delta, dq, dbias, *common, batch, heads, groups, n, height, width, scale),
+            constexprs, n, d, q)
+
     rows = table.shape[0]
     dtable = torch.empty_like(table)
     block_r = 32

@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Autotuning every test shape would take minutes; the fixed tiles, and every config of the
+# tuning lists (test_every_tile_config_of_the_tuning_lists), are tested instead.
+os.environ.setdefault("COATNET_FAST_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -158,6 +158,8 @@ def test_above_one_key_tile(backend, device):
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
 def test_gradients_are_deterministic(backend, device):
     inputs, grad_out = make_inputs(5, 3, (7, 7), 32, torch.float32, device, True)
+    if refused(backend, inputs, (7, 7)):
+        return
     saved = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -197,12 +199,13 @@ def test_auto_picks_the_fused_backend_where_it_can(backend, device, monkeypatch)
     monkeypatch.setitem(dispatch._TABLE[OP], backend, dispatch.OpBackend(
         OP, backend, lambda *a: calls.append(1) or entry.impl(*a), entry.available, entry.reasons))
     inputs, _ = make_inputs(1, 2, (3, 3), 16, torch.float32, device, False)
+    capable = not supported_reasons(backend, *inputs, (3, 3))  # e.g. CPU tensors without the interpreter
     rel_bias_attention(*inputs, (3, 3))
-    assert calls == [1]
+    assert calls == ([1] if capable else [])
     inputs, _ = make_inputs(1, 2, (3, 3), 8, torch.float32, device, False)
     assert supported_reasons(backend, *inputs, (3, 3))
     rel_bias_attention(*inputs, (3, 3))
-    assert calls == [1]
+    assert calls == ([1] if capable else [])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with ~30 GB free: 2**31-element q, k, v, o")
@@ -220,3 +223,24 @@ def test_offsets_past_32_bits(backend):
     tail = slice(batch - 3, batch)
     expected = rel_bias_attention_reference(q[tail].double(), k[tail].double(), v[tail].double(), table.double(), window)
     assert relative_error(out[tail], expected) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+@pytest.mark.parametrize("window, d", [((7, 5), 16), ((12, 12), 32)], ids=["7x5-d16", "12x12-d32"])
+def test_every_tile_config_of_the_tuning_lists(backend, window, d, device):
+    """Autotuning may pick any config of the lists on a GPU: each must be right."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    inputs, _ = make_inputs(2, 2, window, d, torch.float32, device, True)
+    if refused(backend, inputs, window):
+        return
+    n = window[0] * window[1]
+    lists = ((kernels._fwd, kernels.FWD_CONFIGS), (kernels._bwd_dkdv, kernels.DKDV_CONFIGS),
+             (kernels._bwd_dq_dbias, kernels.DQ_DBIAS_CONFIGS))
+    for kernel, configs in lists:
+        for config in kernels._prune(configs, {"N": n}):
+            kernels.FORCED_TILES[kernel] = dict(config.kwargs, num_warps=config.num_warps)
+            try:
+                check_against_reference(backend, window, d, torch.float32, device, strided=True, batch=3, heads=2)
+            finally:
+                kernels.FORCED_TILES.clear()
