@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session runs, in one call, results under $OUT:
-#   install from the checkout, info, verify, the test suite (CPU and CUDA), the model benchmark.
+#   install from the checkout, info, verify, the test suite (CPU and CUDA), the attention
+#   benchmark, the model benchmark. Each stage has its own time limit, so a slow one cannot
+#   starve the rest; narrow them with the *_ARGS variables.
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> bash bench/gpu_checks.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/coatnet_fast_out}
@@ -11,6 +13,8 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || echo "editable install failed (see install.txt); running from PYTHONPATH"
 { python3 -m coatnet_fast info && python3 -m coatnet_fast verify; } 2>&1 | tee "$OUT/verify.txt" || status=1
-timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
+timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
+timeout "${ATTN_TIMEOUT:-300}" python3 bench/bench_rel_bias_attention.py ${ATTN_ARGS:-} --out "$OUT/rel_bias_attention_gpu.json" > "$OUT/bench_attention.txt" 2>&1 || status=1
+grep -E "^\{" "$OUT/bench_attention.txt" | cut -c1-260
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/bench_model.py ${BENCH_ARGS:-} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
 exit $status
