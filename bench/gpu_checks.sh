@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session runs, in one call, results under $OUT:
-#   install from the checkout, info, verify, the test suite (CPU and CUDA), the attention
-#   benchmark, the model benchmark. Each stage has its own time limit, so a slow one cannot
+#   install from the checkout, info, verify, the test suite (CPU and CUDA), the attention and
+#   depthwise-conv benchmarks, the model benchmark. Each stage has its own time limit, so a slow one cannot
 #   starve the rest; narrow them with the *_ARGS variables.
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> bash bench/gpu_checks.sh
 set -uo pipefail
@@ -16,5 +16,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.tx
 timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 timeout "${ATTN_TIMEOUT:-300}" python3 bench/bench_rel_bias_attention.py ${ATTN_ARGS:-} --out "$OUT/rel_bias_attention_gpu.json" > "$OUT/bench_attention.txt" 2>&1 || status=1
 grep -E "^\{" "$OUT/bench_attention.txt" | cut -c1-260
+timeout "${DW_TIMEOUT:-240}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:-} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
+grep -E "^\{" "$OUT/bench_dwconv.txt" | cut -c1-260
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/bench_model.py ${BENCH_ARGS:-} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
 exit $status

@@ -13,8 +13,8 @@ Backward, recomputing the probabilities from the saved log-sum-exp (nothing of s
   The number of groups depends on the machine, not on the batch, so memory does not grow
   with the batch.
 - ``_bias_to_table``: each table row sums the partials of every (group, i, j) with its offset.
-Every output element is written by exactly one program in a fixed order, so gradients are
-bit-identical from run to run (no atomics).
+Every output element is written by exactly one program in a fixed order (no atomics), so with
+fixed tiles gradients are bit-identical from run to run; deterministic mode pins the tiles.
 """
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def _fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < N
+    rows = offs_m.to(tl.int64)  # row * stride may pass 2**31 (e.g. sequence-first layouts)
 
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
                 mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -67,9 +68,10 @@ def _fwd(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+        cols = offs_n.to(tl.int64)
+        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
                     mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :] * sv_d,
                     mask=col_ok[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -78,8 +80,10 @@ def _fwd(
         s = s * scale + _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        # A tile of -inf scores (a table entry of -inf masks a pair) must not give inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -88,7 +92,7 @@ def _fwd(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
+    tl.store(O + b * so_b + h * so_h + rows[:, None] * so_n + offs_d[None, :] * so_d,
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log(l_i), mask=row_ok)
 
@@ -111,18 +115,20 @@ def _bwd_dkdv(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < N
-    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+    cols = offs_n.to(tl.int64)
+    k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
                 mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+    v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :] * sv_d,
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+        rows = offs_m.to(tl.int64)
+        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
                     mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
+        do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_n + offs_d[None, :] * sdo_d,
                      mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
@@ -167,23 +173,25 @@ def _bwd_dq_dbias(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < N
+    rows = offs_m.to(tl.int64)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
+        cols = offs_n.to(tl.int64)
         bias = _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
         dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for b32 in range(g, batch, n_groups):
             b = h * 0 + b32  # int64 (h is), in the interpreter too
             bh = b * n_heads + h
-            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d,
+            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
                         mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :] * sdo_d,
+            do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_n + offs_d[None, :] * sdo_d,
                          mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
-            k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+            k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
                         mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+            v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :] * sv_d,
                         mask=col_ok[:, None], other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -265,8 +273,11 @@ _bwd_dq_dbias_tuned = _tuned(_bwd_dq_dbias, DQ_DBIAS_CONFIGS)
 
 
 def autotuning(t: torch.Tensor) -> bool:
-    """Autotune on GPUs unless COATNET_FAST_AUTOTUNE=0 (the test suite's setting: many shapes)."""
-    return t.device.type == "cuda" and os.environ.get("COATNET_FAST_AUTOTUNE", "1") != "0"
+    """Autotune on GPUs unless COATNET_FAST_AUTOTUNE=0 (the test suite's setting: many shapes)
+    or deterministic algorithms are requested: the tiles a timing race picks set the summation
+    order, so fixed tiles are what makes gradients repeat bit for bit across processes."""
+    return (t.device.type == "cuda" and os.environ.get("COATNET_FAST_AUTOTUNE", "1") != "0"
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def _fixed(n: int, d: int, device: torch.device) -> dict:

@@ -65,13 +65,14 @@ def test_auto_falls_back_to_eager_and_a_named_backend_raises_its_reasons(table_s
 
 
 def test_error_lists_every_backend_when_nothing_fits(table_snapshot):
-    dispatch.register("dwconv_bn_gelu", "eager", None, available=lambda: "eager disabled for this test")
+    for backend in dispatch.BACKENDS:
+        dispatch.register("dwconv_bn_gelu", backend, None, available=lambda b=backend: f"{b} disabled for this test")
     c = 2
     with pytest.raises(BackendUnavailableError) as info:
         dwconv_bn_gelu(torch.randn(2, c, 4, 4), torch.randn(c, 1, 3, 3), torch.ones(c), torch.zeros(c),
                        torch.zeros(c), torch.ones(c), training=False)
     assert set(info.value.reasons) == set(dispatch.AUTO_ORDER)
-    assert "eager disabled for this test" in str(info.value)
+    assert all(f"{b} disabled for this test" in str(info.value) for b in dispatch.BACKENDS)
 
 
 def test_register_rejects_unknown_backend():
@@ -84,9 +85,9 @@ def test_set_backend_swaps_every_fusable_module_and_back(table_snapshot):
     calls = []
     for op, eager in (("rel_bias_attention", dispatch._TABLE["rel_bias_attention"]["eager"].impl),
                       ("dwconv_bn_gelu", dispatch._TABLE["dwconv_bn_gelu"]["eager"].impl)):
-        def impl(*args, _op=op, _eager=eager):
+        def impl(*args, _op=op, _eager=eager, **kwargs):
             calls.append(_op)
-            return _eager(*args)
+            return _eager(*args, **kwargs)
         dispatch.register(op, "triton", impl)
 
     model = CoAtNet(**SMALL)

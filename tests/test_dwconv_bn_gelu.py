@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coatnet_fast.ops import BackendUnavailableError, dispatch, dwconv_bn_gelu
+from coatnet_fast.ops import BackendUnavailableError, dispatch, dwconv_bn_gelu, dwconv_bn_gelu_pool
+from coatnet_fast.ops.dwconv_bn_gelu import supported_reasons
 from reference import TOLERANCE, dwconv_bn_gelu_reference, relative_error
 
 OP = "dwconv_bn_gelu"
@@ -31,6 +32,8 @@ def check(backend, shape, stride, training, channels_last, dtype, device, moment
     x = x64.to(device, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    if _refused(backend, x, training):
+        return
     params = [t.to(device, dtype).requires_grad_(True) for t in (w64, g64, b64)]
     x.requires_grad_(True)
     running_mean, running_var = m64.to(device, dtype), v64.to(device, dtype)
@@ -141,3 +144,84 @@ def test_bad_input_names_the_argument(overrides, error, message):
     positional = [args.pop(k) for k in ("bn_weight", "bn_bias", "running_mean", "running_var")]
     with pytest.raises(error, match=message):
         dwconv_bn_gelu(x, weight, *positional, **args)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_pooled_variant_feeds_se(backend, training, channels_last, device):
+    """dwconv_bn_gelu_pool: the output and its per-image channel mean, gradients through both."""
+    shape, stride = (3, 7, 10, 9), 2
+    x64, w64, g64, b64, m64, v64, gen = make_inputs(shape, device, torch.float32)
+    x = x64.float().to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if _refused(backend, x):
+        return
+    params = [t.float().to(device).requires_grad_(True) for t in (w64, g64, b64)]
+    x.requires_grad_(True)
+    y, pooled = dwconv_bn_gelu_pool(x, *params, m64.float().to(device), v64.float().to(device),
+                                    training=training, stride=stride, backend=backend)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    gp = torch.randn(pooled.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad([y, pooled], [x] + params, [gy.to(device, y.dtype), gp.to(device, pooled.dtype)])
+
+    ref_in = [t.clone().requires_grad_(True) for t in (x64, w64, g64, b64)]
+    ref_y, _, _ = dwconv_bn_gelu_reference(*ref_in, m64, v64, training, 0.1, 1e-5, stride)
+    ref_pooled = ref_y.mean(dim=(2, 3))
+    ref_grads = torch.autograd.grad([ref_y, ref_pooled], ref_in, [gy, gp])
+    assert pooled.shape == (3, 7) and pooled.dtype == torch.float32
+    for name, a, b in zip(("y", "pooled", "dx", "dweight", "dbn_weight", "dbn_bias"),
+                          (y, pooled) + grads, (ref_y, ref_pooled) + ref_grads):
+        assert relative_error(a, b) <= TOLERANCE[torch.float32], name
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_gradients_are_deterministic(backend, device):
+    x64, w64, g64, b64, m64, v64, _ = make_inputs((3, 5, 9, 9), device, torch.float32)
+    if _refused(backend, x64.float().to(device)):
+        return
+
+    def run():
+        x = x64.float().to(device).requires_grad_(True)
+        params = [t.float().to(device).requires_grad_(True) for t in (w64, g64, b64)]
+        y = dwconv_bn_gelu(x, *params, m64.float().to(device), v64.float().to(device), training=True, backend=backend)
+        return (y,) + torch.autograd.grad(y, [x] + params, torch.ones_like(y))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def _refused(backend, x, training=True):
+    """A backend may decline inputs it declares unsupported (e.g. CPU tensors without the
+    interpreter); then it must raise with that reason rather than run."""
+    c = x.shape[1]
+    args = (x, torch.randn(c, 1, 3, 3, device=x.device), torch.ones(c, device=x.device), torch.zeros(c, device=x.device),
+            torch.zeros(c, device=x.device), torch.ones(c, device=x.device))
+    why = supported_reasons(backend, *args, training=training)
+    if why:
+        assert backend != "eager"
+        with pytest.raises(BackendUnavailableError):
+            dwconv_bn_gelu(*args, training=training, backend=backend)
+    return bool(why)
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
+def test_fused_kernels_write_every_output_element(backend, device, monkeypatch):
+    """Outputs, statistics and gradients allocated NaN-filled: anything a kernel skips shows up."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def poisoned_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty_like", poisoned_like)
+    for training in (True, False):
+        for channels_last in (False, True):
+            check(backend, (2, 37, 11, 13), 2, training, channels_last, torch.float32, device)
+            check(backend, (3, 5, 16, 15), 1, training, channels_last, torch.float32, device)

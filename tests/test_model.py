@@ -12,7 +12,7 @@ import coatnet_fast
 import seed_coatnet
 from coatnet_fast import CoAtNet, create_model, list_models, set_backend
 from coatnet_fast.ops import dispatch
-from coatnet_fast.models import Attention
+from coatnet_fast.models import Attention, MBConv
 from coatnet_fast.ops.rel_bias_attention import supported_reasons, table_rows
 from reference import rel_bias_attention_reference, relative_error
 
@@ -337,3 +337,26 @@ def test_attention_module_hands_the_op_strided_views(backend, monkeypatch):
     inner = 3 * 16
     assert stride == (35 * 3 * inner, 16, 3 * inner, 1)
     assert (k_off, v_off) == (inner * size, 2 * inner * size)
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if not dispatch.why_not("dwconv_bn_gelu", b)])
+def test_mbconv_takes_se_squeeze_from_the_fused_kernel(backend, monkeypatch):
+    """On a fused backend the SE block's average pool comes from the depthwise kernel's
+    epilogue (pool=True), and the block still matches eager."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert "dwconv_bn_gelu" in _fused_ops(backend, device)
+    calls = []
+    entry = dispatch._TABLE["dwconv_bn_gelu"][backend]
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("pool", False))
+        return entry.impl(*args, **kwargs)
+
+    monkeypatch.setitem(dispatch._TABLE["dwconv_bn_gelu"], backend,
+                        dispatch.OpBackend(entry.op, backend, spy, entry.available, entry.reasons))
+    block = randomize(MBConv(12, 16, (8, 8), downsample=True)).to(device)
+    fused = set_backend(copy.deepcopy(block), backend, ["dwconv_bn_gelu"])
+    x = torch.randn(2, 12, 16, 16, device=device)
+    out, expected = fused(x), block(x)
+    assert calls == [True]
+    assert relative_error(out, expected) < 1e-5

@@ -275,3 +275,36 @@ def test_autocast(backend, device):
     ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=(7, 5))
     for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
         assert relative_error(a, b) <= TOLERANCE[low], name
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_row_offsets_past_32_bits(backend, device):
+    """A view whose row stride fits in int32 but row * stride does not (4 GiB of fp16)."""
+    stride = 2**30 + 64
+    store = torch.zeros(2 * stride + 16, dtype=torch.float16, device=device)
+    q = store.as_strided((1, 1, 3, 16), (0, 0, stride, 1))
+    g = torch.Generator().manual_seed(0)
+    q.copy_(torch.randn(1, 1, 3, 16, generator=g).half())
+    k, v = (torch.randn(1, 1, 3, 16, generator=g).half().to(device) for _ in range(2))
+    table = torch.randn(5, 1, generator=g).to(device)
+    if refused(backend, [q, k, v, table], (1, 3)):
+        return
+    out = rel_bias_attention(q, k, v, table, (1, 3), backend=backend)
+    expected = rel_bias_attention_reference(q.double(), k.double(), v.double(), table.double(), (1, 3))
+    assert relative_error(out, expected) <= TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_minus_inf_table_entries_mask_pairs(backend, device):
+    """-inf in the table masks (query, key) pairs; a key tile masked whole must not give NaN."""
+    window = (1, 200)
+    inputs, _ = make_inputs(1, 1, window, 16, torch.float32, device, False)
+    q, k, v, table = (t.detach() for t in inputs)
+    dx = torch.arange(table.shape[0], device=device) - (window[1] - 1)
+    table[dx >= 72] = float("-inf")
+    if refused(backend, [q, k, v, table], window):
+        return
+    out = rel_bias_attention(q, k, v, table, window, backend=backend)
+    expected = rel_bias_attention_reference(q.double(), k.double(), v.double(), table.double(), window)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, expected) <= TOLERANCE[torch.float32]

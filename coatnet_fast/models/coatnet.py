@@ -50,9 +50,12 @@ class SE(nn.Module):
 
     def forward(self, x):
         b, c, _, _ = x.size()
-        y = self.avg_pool(x).view(b, c)
-        y = self.fc(y).view(b, c, 1, 1)
-        return x * y
+        return self.excite(x, self.avg_pool(x).view(b, c))
+
+    def excite(self, x, squeezed):
+        """Scale x by the gate computed from its channel means ``squeezed`` [B, C]."""
+        b, c = squeezed.shape
+        return x * self.fc(squeezed.to(x.dtype)).view(b, c, 1, 1)
 
 
 class MBConv(nn.Module):
@@ -87,7 +90,15 @@ class MBConv(nn.Module):
 
     def forward(self, x):
         shortcut = self.downsample_layer(x) if self.downsample else x
-        return shortcut + drop_path(self.block(x), self.drop_path_rate, self.training)
+        return shortcut + drop_path(self._branch(x), self.drop_path_rate, self.training)
+
+    def _branch(self, x):
+        blk = self.block
+        if blk.dw_conv.backend == "eager":
+            return blk(x)  # the seed's Sequential, op for op
+        # Fused backends hand SE its squeeze from the depthwise kernel's epilogue.
+        h, squeezed = blk.dw_conv.forward_pooled(blk.expand_conv(x))
+        return blk.pro_conv(blk.se.excite(h, squeezed))
 
 
 class Attention(nn.Module, FusedOpModule):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import dispatch
-from ..ops.dwconv_bn_gelu import dwconv_bn_gelu
+from ..ops.dwconv_bn_gelu import dwconv_bn_gelu, dwconv_bn_gelu_pool
 
 
 class FusedOpModule:
@@ -39,27 +39,27 @@ class DWConvBNGELU(nn.Sequential, FusedOpModule):
         )
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _op_args(self):
+        """nn.BatchNorm2d's bookkeeping (momentum=None means a cumulative average), then the op's
+        arguments."""
         conv, bn = self[0], self[1]
-        # nn.BatchNorm2d's bookkeeping, so that momentum=None means a cumulative average.
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             if bn.momentum is None:
                 factor = 1.0 / float(bn.num_batches_tracked)
-        return dwconv_bn_gelu(
-            x,
-            conv.weight,
-            bn.weight,
-            bn.bias,
-            bn.running_mean,
-            bn.running_var,
-            training=bn.training,
-            momentum=factor,
-            eps=bn.eps,
-            stride=conv.stride[0],
-            backend=self.backend,
-        )
+        params = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return params, dict(training=bn.training, momentum=factor, eps=bn.eps, stride=conv.stride[0],
+                            backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params, kwargs = self._op_args()
+        return dwconv_bn_gelu(x, *params, **kwargs)
+
+    def forward_pooled(self, x: torch.Tensor):
+        """The output and its per-image channel mean (SE's squeeze), from one fused pass."""
+        params, kwargs = self._op_args()
+        return dwconv_bn_gelu_pool(x, *params, **kwargs)
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:

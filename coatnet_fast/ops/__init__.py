@@ -3,7 +3,7 @@
 The eager backend is the reference every fused backend is tested against.
 """
 from .dispatch import AUTO_ORDER, BACKEND_CHOICES, BACKENDS, BackendUnavailableError, usable_backends, why_not
-from .dwconv_bn_gelu import dwconv_bn_gelu
+from .dwconv_bn_gelu import dwconv_bn_gelu, dwconv_bn_gelu_pool
 from .rel_bias_attention import rel_bias_attention, relative_position_index
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "BACKEND_CHOICES",
     "BackendUnavailableError",
     "dwconv_bn_gelu",
+    "dwconv_bn_gelu_pool",
     "rel_bias_attention",
     "relative_position_index",
     "usable_backends",

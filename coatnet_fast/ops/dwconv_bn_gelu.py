@@ -9,7 +9,7 @@ turns ``BatchNorm2d(momentum=None)`` into 1 / num_batches_tracked before calling
 from __future__ import annotations
 
 import numbers
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +57,137 @@ def check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, train
     return float(momentum), eps, int(stride)
 
 
-def dwconv_bn_gelu_eager(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride):
+def dwconv_bn_gelu_eager(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                         pool=False):
     """The seed's ``dw_conv`` Sequential, written as calls (weight in x's dtype, as autocast does)."""
     y = F.conv2d(x, weight.to(x.dtype), None, stride, 1, 1, x.shape[1])
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-    return F.gelu(y)
+    y = F.gelu(y)
+    return (y, y.sum(dim=(2, 3), dtype=torch.float32)) if pool else y
+
+
+# --- triton backend: custom ops (visible to torch.compile), autograd, dispatch entry ---------
+
+def _out_like(x: torch.Tensor, shape) -> torch.Tensor:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _out_shape(x: torch.Tensor, stride: int) -> tuple:
+    batch, channels, height, width = x.shape
+    return batch, channels, (height - 1) // stride + 1, (width - 1) // stride + 1
+
+
+@torch.library.custom_op("coatnet_fast::dwconv_bn_stats_triton", mutates_args=())
+def _triton_stats(x: torch.Tensor, weight: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Channel mean and biased variance of the conv output over the batch, fp32 [C]."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    return kernels.batch_stats(x, weight, stride)
+
+
+@_triton_stats.register_fake
+def _(x, weight, stride):
+    stats = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("coatnet_fast::dwconv_bn_gelu_triton", mutates_args=())
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                    mean: torch.Tensor, rstd: torch.Tensor, training: bool, stride: int, pool: bool
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """y = gelu((conv(x) - mean) * rstd * gamma + beta), and per-image channel sums of y
+    ([B, C] fp32 when ``pool``, else empty). ``training`` says mean and rstd are this batch's
+    statistics, which the backward then differentiates through."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    scale = bn_weight.float() * rstd
+    shift = bn_bias.float() - mean * scale
+    if training:
+        return kernels.apply(x, weight, scale, shift, stride, pool)
+    # Inference: BatchNorm folded into the conv weights and a shift, one pass over x.
+    return kernels.apply(x, weight.float() * scale.view(-1, 1, 1, 1), None, shift, stride, pool)
+
+
+@_triton_forward.register_fake
+def _(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool):
+    sums = x.new_empty((x.shape[0], x.shape[1]) if pool else (0,), dtype=torch.float32)
+    return _out_like(x, _out_shape(x, stride)), sums
+
+
+@torch.library.custom_op("coatnet_fast::dwconv_bn_gelu_triton_backward", mutates_args=())
+def _triton_backward(dy: torch.Tensor, dsums: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                     bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                     stride: int, training: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    dx, dweight, dgamma, dbeta = kernels.backward(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride, training)
+    return dx, dweight.to(weight.dtype), dgamma.to(bn_weight.dtype), dbeta.to(bn_bias.dtype)
+
+
+@_triton_backward.register_fake
+def _(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride, training):
+    return _out_like(x, tuple(x.shape)), torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+
+
+def _dw_setup_context(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool = inputs
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, rstd)  # x, not the conv output
+    ctx.stride, ctx.training, ctx.pool = stride, training, pool
+
+
+def _dw_backward(ctx, dy, dsums):
+    x, weight, bn_weight, bn_bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dgamma, dbeta = _triton_backward(dy, dsums if ctx.pool else None, x, weight, bn_weight, bn_bias,
+                                                  mean, rstd, ctx.stride, ctx.training)
+    return dx, dweight, dgamma, dbeta, None, None, None, None, None
+
+
+torch.library.register_autograd("coatnet_fast::dwconv_bn_gelu_triton", _dw_backward, setup_context=_dw_setup_context)
+
+
+def _autocast(x: torch.Tensor) -> torch.Tensor:
+    # What autocast does to the eager conv's input; parameters stay fp32 masters.
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def _normalisation(x, weight, running_mean, running_var, training, momentum, eps, stride):
+    """(mean, rstd) to normalise with; in training, batch statistics, and the running ones updated."""
+    if not training:
+        return running_mean.float(), torch.rsqrt(running_var.float() + eps)
+    mean, var = _triton_stats(x.detach(), weight.detach(), stride)
+    batch, _, ho, wo = _out_shape(x, stride)
+    count = batch * ho * wo
+    with torch.no_grad():  # nn.BatchNorm2d's update: biased variance normalises, unbiased is tracked
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
+    return mean, torch.rsqrt(var + eps)
+
+
+def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                          pool=False):
+    x = _autocast(x)
+    mean, rstd = _normalisation(x, weight, running_mean, running_var, training, momentum, eps, stride)
+    y, sums = _triton_forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
+    return (y, sums) if pool else y
+
+
+def _triton_reasons(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride) -> List[str]:
+    why = []
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and dispatch.interpreting()):
+        why.append(f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {x.device}")
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        why.append(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
+    return why
 
 
 dispatch.register(OP, "eager", dwconv_bn_gelu_eager)
-dispatch.register(OP, "triton", None, available=dispatch.not_in_this_build("the Triton kernel for dwconv_bn_gelu"))
+dispatch.register(OP, "triton", dwconv_bn_gelu_triton, available=dispatch.triton_available, reasons=_triton_reasons)
 dispatch.register(OP, "ext", None, available=dispatch.not_in_this_build("the C++/CUDA extension for dwconv_bn_gelu"))
 
 
@@ -102,6 +224,32 @@ def dwconv_bn_gelu(
     args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride)
     impl = dispatch.select(OP, backend, dict(zip(_ARG_NAMES, args)))
     return impl.impl(*args)
+
+
+def dwconv_bn_gelu_pool(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``dwconv_bn_gelu`` and the per-image channel mean of its output ([B, C], fp32), the
+    squeeze of the SE block that follows it in MBConv; fused backends produce the mean in the
+    same pass instead of re-reading the output. Every backend's ``impl`` takes ``pool=True``."""
+    momentum, eps, stride = check_inputs(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride
+    )
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride)
+    impl = dispatch.select(OP, backend, dict(zip(_ARG_NAMES, args)))
+    y, sums = impl.impl(*args, pool=True)
+    return y, sums / (y.shape[2] * y.shape[3])
 
 
 _ARG_NAMES = ("x", "weight", "bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps", "stride")

@@ -1,0 +1,145 @@
+"""dwconv_bn_gelu: forward and forward+backward at CoAtNet-0 MBConv shapes, train and eval.
+
+Providers (each checked against an fp32 eager computation, output and all gradients, before
+it is timed):
+- ``eager``: ``F.conv2d`` (depthwise) + ``F.batch_norm`` + ``F.gelu``, the seed's Sequential;
+- ``compile``: ``torch.compile`` of those same three ops;
+- ``triton`` (and any other usable fused backend): this package.
+Reports ms, GB/s over the fewest bytes the op must move (x read and y written forward; plus
+dy read and dx written backward) and that as a fraction of the measured copy bandwidth.
+
+    PYTHONPATH=. python bench/bench_dwconv_bn_gelu.py --out bench/results/dwconv_bn_gelu_<gpu>.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from _common import environment, write_json  # noqa: E402
+from bench_rel_bias_attention import bench_ms, copy_bandwidth  # noqa: E402
+
+from coatnet_fast.ops import dispatch, dwconv_bn_gelu  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# CoAtNet-0 MBConv depthwise convs at 224x224: (label, H, W, hidden channels).
+SHAPES = [("s1 56x56 C384", 56, 56, 384), ("s2 28x28 C384", 28, 28, 384), ("s2 28x28 C768", 28, 28, 768)]
+
+
+def eager_op(x, w, g, b, rm, rv, training):
+    y = F.conv2d(x, w.to(x.dtype), None, 1, 1, 1, x.shape[1])
+    return F.gelu(F.batch_norm(y, rm, rv, g, b, training, 0.1, 1e-5))
+
+
+def providers(device):
+    fns = {"eager": eager_op}
+    if device.type == "cuda":
+        fns["compile"] = torch.compile(eager_op)
+    for backend in dispatch.BACKENDS:
+        if backend != "eager" and not dispatch.why_not("dwconv_bn_gelu", backend):
+            fns[backend] = (lambda x, w, g, b, rm, rv, training, _b=backend:
+                            dwconv_bn_gelu(x, w, g, b, rm, rv, training=training, backend=_b))
+    return fns
+
+
+def make_inputs(batch, channels, height, width, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=g).to(device, dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    params = [(torch.randn(channels, 1, 3, 3, generator=g) / 3).to(device), (1 + 0.1 * torch.randn(channels, generator=g)).to(device),
+              (0.1 * torch.randn(channels, generator=g)).to(device)]
+    params = [p.requires_grad_(True) for p in params]  # fp32 master parameters, as under autocast
+    stats = [(0.1 * torch.randn(channels, generator=g)).to(device), (0.5 + torch.rand(channels, generator=g)).to(device)]
+    grad_out = torch.randn(batch, channels, height, width, generator=g).to(device, dtype)
+    return x, params, stats, grad_out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--modes", default="train,eval")
+    p.add_argument("--smoke", action="store_true", help="batch 2, 8x8, 16 channels, fp32")
+    p.add_argument("--out", help="JSON path (default: bench/results/dwconv_bn_gelu_<device>.json)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = [("smoke 8x8 C16", 8, 8, 16)] if args.smoke else SHAPES
+    if args.smoke:
+        args.batch, args.dtype = 2, "fp32"
+    dtype = DTYPES[args.dtype]
+    elem = torch.finfo(dtype).bits // 8
+    out_path = Path(args.out or Path(__file__).parent / "results" / f"dwconv_bn_gelu_{device.type}.json")
+    bandwidth = copy_bandwidth(device) / 1e9
+    payload = {"benchmark": "dwconv_bn_gelu", "env": environment(),
+               "config": {k: v for k, v in vars(args).items() if k != "out"}, "copy_bandwidth_gbps": bandwidth,
+               "results": []}
+    failed = False
+    for label, height, width, channels in shapes:
+        x, params, pristine, grad_out = make_inputs(args.batch, channels, height, width, dtype, device)
+        stats = [t.clone() for t in pristine]  # the timed runs update these in place
+        inputs = [x] + params
+        activation_bytes = x.numel() * elem
+        for mode in args.modes.split(","):
+            training = mode == "train"
+            ref_in = [t.detach().float().requires_grad_(True) for t in inputs]
+            ref_stats = [t.clone() for t in pristine]
+            ref_out = eager_op(*ref_in, *ref_stats, training)
+            ref = (ref_out,) + torch.autograd.grad(ref_out, ref_in, grad_out.float())
+            tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+            rows = []
+            for name, fn in providers(device).items():
+                try:
+                    run_stats = [t.clone() for t in pristine]
+                    out = fn(x, *params, *run_stats, training)
+                    grads = torch.autograd.grad(out, inputs, grad_out)
+                    errors = {k: ((a.double() - b.double()).norm() / b.double().norm()).item()
+                              for k, a, b in zip(("out", "dx", "dweight", "dgamma", "dbeta"), (out,) + grads, ref)}
+                    if training:
+                        errors["running_mean"] = ((run_stats[0] - ref_stats[0]).norm() / ref_stats[0].norm()).item()
+                        errors["running_var"] = ((run_stats[1] - ref_stats[1]).norm() / ref_stats[1].norm()).item()
+                    ok = all(e <= tol for e in errors.values())
+                    for which in ("fwd", "fwd+bwd"):
+                        if which == "fwd":
+                            def step():
+                                with torch.no_grad():
+                                    fn(x, *params, *stats, training)
+                            moved = 2 * activation_bytes
+                        else:
+                            def step():
+                                o = fn(x, *params, *stats, training)
+                                torch.autograd.grad(o, inputs, grad_out)
+                            moved = 5 * activation_bytes
+                        median, low, high = bench_ms(step, device)
+                        gbps = moved / (median * 1e-3) / 1e9
+                        rows.append({"provider": name, "mode": mode, "pass": which, "ms": median, "ms_p20": low,
+                                     "ms_p80": high, "gbps": gbps, "fraction_of_copy_bandwidth": gbps / bandwidth,
+                                     "correct": ok, "rel_errors": errors})
+                except Exception as e:  # a provider that cannot run is reported, not fatal
+                    traceback.print_exc()
+                    rows.append({"provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
+            for which in ("fwd", "fwd+bwd"):
+                timed = [r for r in rows if r.get("pass") == which and r["correct"]]
+                base = {r["provider"]: r["ms"] for r in timed}
+                for r in timed:
+                    if "eager" in base:
+                        r["speedup_vs_eager"] = base["eager"] / r["ms"]
+                    if "compile" in base:
+                        r["speedup_vs_compile"] = base["compile"] / r["ms"]
+            for r in rows:
+                r.update(shape=label, batch=args.batch, dtype=args.dtype, layout="channels_last")
+                failed |= r.get("correct") is False and r["provider"] in dispatch.BACKENDS
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "rel_errors"},
+                      flush=True)
+            payload["results"] += rows
+            write_json(out_path, payload)
+    print(f"wrote {out_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Triton kernels for 3x3 depthwise conv (padding 1) + BatchNorm + exact GELU, and their launchers.
+
+Every kernel runs one program per (image, channel block) that walks the image in chunks of
+BLOCK_P output positions, recomputing the conv from x (nothing but x is kept between passes).
+Per-channel reductions therefore finish inside one program per image, in a fixed order:
+results are deterministic and need no atomics, and partials are [B, C], not per tile.
+
+- ``_stats`` (training, pass 1): per-image channel mean and M2 of the conv output, merged over
+  chunks with Chan's formula (exact in fp32 for a channel with mean 1e3 and std 1).
+- ``_apply`` (training pass 2, and eval's only pass): conv, per-channel affine, GELU; in eval
+  the BatchNorm is folded into the weights and a shift by the launcher. Optionally the
+  per-image channel sums of the output (the SE block's average pool) in the same pass.
+- ``_bwd_reduce``: recompute, then per-image sums of du and du * xhat (d(beta), d(gamma)).
+- ``_bwd_dz``: recompute, then the gradient at the conv output (BatchNorm's training or eval
+  backward); dx and d(weight) follow from it by the depthwise conv's own backward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+INV_SQRT2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok,
+               sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, H, W, WO,
+               STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The conv output at output positions offs_p (flattened ho * WO + wo), channels offs_c, fp32."""
+    ho = offs_p // WO
+    wo = offs_p % WO
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    base = X + b * sx_b + offs_c[None, :] * sx_c
+    for ky in tl.static_range(3):
+        hi = ho * STRIDE - 1 + ky
+        for kx in tl.static_range(3):
+            wi = wo * STRIDE - 1 + kx
+            ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            xv = tl.load(base + hi[:, None] * sx_h + wi[:, None] * sx_w, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(WT + offs_c * sw_c + ky * sw_h + kx * sw_w, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _stats(X, WT, MEAN, M2,
+           sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
+           C, H, W, WO, P,
+           STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    count = tl.sum(tl.zeros([BLOCK_P], tl.float32), 0)  # an fp32 scalar, loop-carried
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, P, BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        z = _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
+                       H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
+        n = tl.sum(p_ok.to(tl.float32), 0)
+        chunk_mean = tl.sum(tl.where(p_ok[:, None], z, 0.0), 0) / n
+        dev = tl.where(p_ok[:, None], z - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(dev * dev, 0)
+        total = count + n
+        delta = chunk_mean - mean
+        mean += delta * (n / total)
+        m2 += chunk_m2 + delta * delta * (count * n / total)
+        count = total
+    tl.store(MEAN + b * C + offs_c, mean, mask=c_ok)
+    tl.store(M2 + b * C + offs_c, m2, mask=c_ok)
+
+
+@triton.jit
+def _apply(X, WT, SCALE, SHIFT, Y, POOL,
+           sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sy_b, sy_c, sy_h, sy_w,
+           C, H, W, WO, P,
+           STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_POOL: tl.constexpr,
+           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
+    if HAS_SCALE:
+        scale = tl.load(SCALE + offs_c, mask=c_ok, other=0.0)
+    pool = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, P, BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        u = _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
+                       H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
+        if HAS_SCALE:
+            u = u * scale[None, :]
+        u = u + shift[None, :]
+        y = 0.5 * u * (1.0 + tl.erf(u * INV_SQRT2))
+        ok = p_ok[:, None] & c_ok[None, :]
+        ho = offs_p // WO
+        wo = offs_p % WO
+        tl.store(Y + b * sy_b + offs_c[None, :] * sy_c + ho[:, None] * sy_h + wo[:, None] * sy_w,
+                 y.to(Y.dtype.element_ty), mask=ok)
+        if HAS_POOL:
+            pool += tl.sum(tl.where(ok, y, 0.0), 0)
+    if HAS_POOL:
+        tl.store(POOL + b * C + offs_c, pool, mask=c_ok)
+
+
+@triton.jit
+def _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
+             sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+             C, H, W, WO, inv_p, STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Recompute xhat and u, then du = d(loss)/du through GELU (fp32 tiles)."""
+    z = _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
+                   H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
+    mean = tl.load(MEAN + offs_c, mask=c_ok, other=0.0)
+    rstd = tl.load(RSTD + offs_c, mask=c_ok, other=0.0)
+    gamma = tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    xhat = (z - mean[None, :]) * rstd[None, :]
+    u = xhat * gamma[None, :] + beta[None, :]
+    ok = p_ok[:, None] & c_ok[None, :]
+    ho = offs_p // WO
+    wo = offs_p % WO
+    dy = tl.load(DY + b * sdy_b + offs_c[None, :] * sdy_c + ho[:, None] * sdy_h + wo[:, None] * sdy_w,
+                 mask=ok, other=0.0).to(tl.float32)
+    if HAS_DPOOL:  # the SE pool's gradient reaches every position of its image equally
+        dy += tl.load(DPOOL + b * C + offs_c, mask=c_ok, other=0.0)[None, :] * inv_p
+    dgelu = 0.5 * (1.0 + tl.erf(u * INV_SQRT2)) + u * tl.exp(-0.5 * u * u) * INV_SQRT_2PI
+    du = tl.where(ok, dy * dgelu, 0.0)
+    return du, xhat, gamma, rstd
+
+
+@triton.jit
+def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
+                sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+                C, H, W, WO, P, inv_p,
+                STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    sum_du = tl.zeros([BLOCK_C], tl.float32)
+    sum_du_xhat = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, P, BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        du, xhat, gamma, rstd = _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
+                                         sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+                                         C, H, W, WO, inv_p, STRIDE, HAS_DPOOL, BLOCK_P, BLOCK_C)
+        sum_du += tl.sum(du, 0)
+        sum_du_xhat += tl.sum(du * xhat, 0)
+    tl.store(SUM_DU + b * C + offs_c, sum_du, mask=c_ok)
+    tl.store(SUM_DU_XHAT + b * C + offs_c, sum_du_xhat, mask=c_ok)
+
+
+@triton.jit
+def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
+            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w, sz_b, sz_c, sz_h, sz_w,
+            C, H, W, WO, P, inv_p, inv_count,
+            STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
+            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    if TRAINING:
+        mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
+        mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
+    for start in range(0, P, BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        du, xhat, gamma, rstd = _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
+                                         sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+                                         C, H, W, WO, inv_p, STRIDE, HAS_DPOOL, BLOCK_P, BLOCK_C)
+        if TRAINING:  # batch statistics depend on every input: BatchNorm's training backward
+            du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
+        dz = du * (gamma * rstd)[None, :]
+        ho = offs_p // WO
+        wo = offs_p % WO
+        tl.store(DZ + b * sz_b + offs_c[None, :] * sz_c + ho[:, None] * sz_h + wo[:, None] * sz_w,
+                 dz.to(DZ.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+def _blocks(x: torch.Tensor, channels: int):
+    """(BLOCK_P, BLOCK_C, num_warps). channels_last reads channels contiguously, so its tiles are
+    wide in C; NCHW reads rows contiguously, so its tiles are long in P."""
+    block_c = min(64, max(16, triton.next_power_of_2(channels)))
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return 64, block_c, 4
+    return 128, min(block_c, 16), 4
+
+
+def _out_like(x: torch.Tensor, shape, dtype=None):
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+def _geometry(x, stride):
+    batch, channels, height, width = x.shape
+    ho, wo = (height - 1) // stride + 1, (width - 1) // stride + 1
+    return batch, channels, height, width, ho, wo
+
+
+def batch_stats(x, weight, stride: int):
+    """Channel mean and biased variance of conv(x, weight) over the batch (fp32, [C] each)."""
+    batch, channels, height, width, ho, wo = _geometry(x, stride)
+    block_p, block_c, warps = _blocks(x, channels)
+    means = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
+    m2s = torch.empty_like(means)
+    _stats[(batch, triton.cdiv(channels, block_c))](
+        x, weight, means, m2s, *x.stride(), *weight.stride()[:1], *weight.stride()[2:],
+        channels, height, width, wo, ho * wo,
+        STRIDE=stride, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+    )
+    # Chan's merge of equal-count groups (one per image), in deviation form.
+    mean = means.mean(0)
+    m2 = m2s.sum(0) + (ho * wo) * (means - mean).square().sum(0)
+    return mean, m2 / (batch * ho * wo)
+
+
+def apply(x, weight, scale, shift, stride: int, pool: bool):
+    """gelu(conv(x, weight) * scale + shift) (scale None: already folded into weight), and the
+    per-image channel sums of the result when ``pool``."""
+    batch, channels, height, width, ho, wo = _geometry(x, stride)
+    block_p, block_c, warps = _blocks(x, channels)
+    y = _out_like(x, (batch, channels, ho, wo))
+    sums = torch.empty((batch, channels) if pool else (0,), dtype=torch.float32, device=x.device)
+    _apply[(batch, triton.cdiv(channels, block_c))](
+        x, weight, shift if scale is None else scale, shift, y, sums,
+        *x.stride(), *weight.stride()[:1], *weight.stride()[2:], *y.stride(),
+        channels, height, width, wo, ho * wo,
+        STRIDE=stride, HAS_SCALE=scale is not None, HAS_POOL=pool,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+    )
+    return y, sums
+
+
+def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, training: bool):
+    """dx, d(weight), d(gamma), d(beta); ``dpool`` (or None) is the gradient of the pooled sums."""
+    batch, channels, height, width, ho, wo = _geometry(x, stride)
+    block_p, block_c, warps = _blocks(x, channels)
+    grid = (batch, triton.cdiv(channels, block_c))
+    has_dpool = dpool is not None
+    dpool = dpool.contiguous() if has_dpool else mean
+    common = (*x.stride(), *weight.stride()[:1], *weight.stride()[2:], *dy.stride())
+    sum_du = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
+    sum_du_xhat = torch.empty_like(sum_du)
+    _bwd_reduce[grid](
+        x, weight, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
+        channels, height, width, wo, ho * wo, 1.0,
+        STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+    )
+    dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)
+    dz = _out_like(x, (batch, channels, ho, wo))
+    _bwd_dz[grid](
+        x, weight, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
+        channels, height, width, wo, ho * wo, 1.0, 1.0 / (batch * ho * wo),
+        STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+    )
+    dx, dweight, _ = torch.ops.aten.convolution_backward(
+        dz, x, weight.to(x.dtype), None, [stride, stride], [1, 1], [1, 1], False, [0, 0], channels,
+        [True, True, False],
+    )
+    return dx, dweight, dgamma, dbeta

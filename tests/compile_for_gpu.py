@@ -1,0 +1,75 @@
+"""Compile every Triton kernel of the package for Hopper (sm_90) without a GPU.
+
+Triton's compiler and the ptxas it ships run on the CPU, so this catches what the CPU
+interpreter cannot: type errors in loop-carried values, unsupported ops, register or shared
+memory blow-ups at the tile sizes we launch. Run without TRITON_INTERPRET (under it, kernels
+are interpreted functions, not compilable ones). Prints one line per kernel; exits 1 on failure.
+"""
+import inspect
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import coatnet_fast  # noqa: F401  (serves coatnet_fast.kernels from a checkout)
+from coatnet_fast.kernels import dwconv_bn_gelu as dw
+from coatnet_fast.kernels import rel_bias_attention as attn
+
+TARGET = GPUTarget("cuda", 90, 32)
+FP32_POINTERS = {"T", "LSE", "DELTA", "DQ", "DBIAS", "DT", "WT", "SCALE", "SHIFT", "POOL", "MEAN", "M2", "RSTD",
+                 "GAMMA", "BETA", "SUM_DU", "SUM_DU_XHAT", "DBETA", "DGAMMA", "DPOOL"}
+FLOATS = {"scale", "inv_p", "inv_count"}
+SIZES = {"N", "H", "W", "C", "P", "R", "WO"}  # upper-case scalars; other upper-case names are pointers
+
+
+def signature(kernel, act, constexprs):
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.isupper() and name not in SIZES:
+            sig[name] = "*fp32" if name in FP32_POINTERS else f"*{act}"
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    return sig
+
+
+def cases():
+    for act in ("bf16", "fp16", "fp32"):
+        ieee = act == "fp32"
+        for kernel, configs in ((attn._fwd, attn.FWD_CONFIGS), (attn._bwd_dkdv, attn.DKDV_CONFIGS),
+                                (attn._bwd_dq_dbias, attn.DQ_DBIAS_CONFIGS)):
+            tiles = [dict(c.kwargs, num_warps=c.num_warps) for c in configs] if act == "bf16" else [dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)]
+            for t in tiles:
+                warps = t.pop("num_warps")
+                yield kernel, act, dict(t, D=32, IEEE=ieee), warps
+        yield attn._bias_to_table, act, dict(BLOCK_R=32, BLOCK_I=64), 4
+        for layout_tiles in ((64, 64), (128, 16)):
+            tiles = dict(BLOCK_P=layout_tiles[0], BLOCK_C=layout_tiles[1])
+            for stride in (1, 2):
+                yield dw._stats, act, dict(tiles, STRIDE=stride), 4
+                yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=True, HAS_POOL=True), 4
+                yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=True), 4
+                yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=False, TRAINING=True), 4
+
+
+def main() -> int:
+    failed = 0
+    for kernel, act, constexprs, warps in cases():
+        t0 = time.perf_counter()
+        try:
+            src = ASTSource(fn=kernel, signature=signature(kernel, act, constexprs), constexprs=constexprs)
+            compiled = triton.compile(src, target=TARGET, options={"num_warps": warps})
+            detail = f"shared={compiled.metadata.shared}"
+        except Exception as e:  # report every failure, not just the first
+            failed += 1
+            detail = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        name = kernel.fn.__name__
+        print(f"{name} {act} {constexprs} warps={warps}: {detail} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
