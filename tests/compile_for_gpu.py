@@ -50,9 +50,10 @@ def cases():
             tiles = dict(BLOCK_P=layout_tiles[0], BLOCK_C=layout_tiles[1])
             for stride in (1, 2):
                 yield dw._stats, act, dict(tiles, STRIDE=stride), 4
-                yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=True, HAS_POOL=True), 4
-                yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=True), 4
-                yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=False, TRAINING=True), 4
+                for flag in (True, False):  # training / eval variants of each kernel
+                    yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), 4
+                    yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=flag), 4
+                    yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), 4
 
 
 def main() -> int:

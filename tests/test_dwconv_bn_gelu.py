@@ -225,3 +225,65 @@ def test_fused_kernels_write_every_output_element(backend, device, monkeypatch):
         for channels_last in (False, True):
             check(backend, (2, 37, 11, 13), 2, training, channels_last, torch.float32, device)
             check(backend, (3, 5, 16, 15), 1, training, channels_last, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autocast(backend, training, device):
+    """Under autocast the activation runs in the autocast dtype, parameters and statistics stay
+    fp32, and their gradients come back fp32."""
+    low = torch.bfloat16 if device.type == "cuda" else torch.float16
+    x64, w64, g64, b64, m64, v64, gen = make_inputs((2, 6, 9, 7), device, torch.float32)
+    x = x64.float().to(device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    params = [t.float().to(device).requires_grad_(True) for t in (w64, g64, b64)]
+    running = [m64.float().to(device), v64.float().to(device)]
+    with torch.autocast(device.type, dtype=low):
+        if _refused(backend, x.to(low), training):
+            return
+        y = dwconv_bn_gelu(x.to(low), *params, *running, training=training, backend=backend)
+    assert y.dtype == low
+    grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(y, [x] + params, grad_out.to(device, low))
+    assert all(g.dtype == torch.float32 for g in grads)
+    ref_in = [t.clone().requires_grad_(True) for t in (x64, w64, g64, b64)]
+    ref_y, ref_mean, ref_var = dwconv_bn_gelu_reference(*ref_in, m64, v64, training, 0.1, 1e-5, 1)
+    ref_grads = torch.autograd.grad(ref_y, ref_in, grad_out)
+    checks = zip(("y", "dx", "dweight", "dbn_weight", "dbn_bias", "running_mean", "running_var"),
+                 (y,) + grads + tuple(running), (ref_y,) + ref_grads + (ref_mean, ref_var))
+    for name, a, b in checks:
+        assert relative_error(a, b) <= TOLERANCE[low], name
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_stage_one_resolution_112x112(backend, device):
+    """The largest map the model feeds it (112x112 at 224 input): many position chunks."""
+    check(backend, (1, 3, 112, 112), 2, True, True, torch.float32, device)
+    check(backend, (1, 3, 112, 112), 1, False, False, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_module_momentum_none_over_steps(backend, device):
+    """DWConvBNGELU on each backend against nn modules: momentum=None (cumulative average by
+    num_batches_tracked), four training steps, then eval."""
+    from coatnet_fast.models import DWConvBNGELU
+
+    torch.manual_seed(0)
+    fused = DWConvBNGELU(5).to(device)
+    fused[1].momentum = None
+    with torch.no_grad():
+        fused[1].weight.uniform_(0.5, 1.5)
+        fused[1].bias.uniform_(-0.5, 0.5)
+    plain = torch.nn.Sequential(*[m for m in DWConvBNGELU(5)]).to(device)
+    plain[1].momentum = None
+    plain.load_state_dict(fused.state_dict())
+    fused.backend = backend
+    x = torch.randn(2, 5, 6, 6, device=device)
+    if _refused(backend, x):
+        return
+    for step in range(4):
+        x = torch.randn(2, 5, 6, 6, device=device) + step
+        assert relative_error(fused(x), plain(x)) < 1e-5, step
+    for key, value in plain.state_dict().items():
+        assert relative_error(fused.state_dict()[key].double(), value.double()) < 1e-5, key
+    fused.eval(), plain.eval()
+    assert relative_error(fused(x), plain(x)) < 1e-5
