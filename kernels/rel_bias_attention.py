@@ -41,6 +41,16 @@ def _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; IEEE keeps fp32 inputs out of TF32 (fp32 parity)."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
 def _fwd(
     Q, K, V, T, O, LSE,
     sq_b, sq_h, sq_n, sq_d,
@@ -73,10 +83,7 @@ def _fwd(
                     mask=col_ok[:, None], other=0.0)
         v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :] * sv_d,
                     mask=col_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), IEEE)
         s = s * scale + _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -85,10 +92,7 @@ def _fwd(
         p = tl.exp(s - m_use[:, None])
         alpha = tl.exp(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
+        pv = _dot(p.to(v.dtype), v, IEEE)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -132,24 +136,14 @@ def _bwd_dkdv(
                      mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), IEEE)
         s = s * scale + _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
         p = tl.exp(s - lse[:, None])
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        if IEEE:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        if IEEE:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     out = pid_bh * N * D + offs_n[:, None] * D + offs_d[None, :]  # DK, DV: contiguous [B, heads, N, D]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -193,20 +187,13 @@ def _bwd_dq_dbias(
                         mask=col_ok[:, None], other=0.0)
             v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :] * sv_d,
                         mask=col_ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-                dp = tl.dot(do, tl.trans(v))
+            s = _dot(q, tl.trans(k), IEEE)
+            dp = _dot(do, tl.trans(v), IEEE)
             p = tl.exp(s * scale + bias - lse[:, None])
             p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
             ds = p * (dp - delta[:, None])
             dbias += ds
-            if IEEE:
-                dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * scale
-            else:
-                dq = tl.dot(ds.to(k.dtype), k) * scale
+            dq = _dot(ds.to(k.dtype), k, IEEE) * scale
             # DQ is an fp32 [B, heads, N, D] accumulator owned row-wise by this program: the
             # first key tile stores, later ones add, so nothing needs zeroing beforehand.
             dq_ptr = DQ + bh * N * D + offs_m[:, None] * D + offs_d[None, :]

@@ -207,20 +207,8 @@ def _refused(backend, x, training=True):
 
 
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
-def test_fused_kernels_write_every_output_element(backend, device, monkeypatch):
+def test_fused_kernels_write_every_output_element(backend, device, poison_empty):
     """Outputs, statistics and gradients allocated NaN-filled: anything a kernel skips shows up."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def poisoned_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-    monkeypatch.setattr(torch, "empty_like", poisoned_like)
     for training in (True, False):
         for channels_last in (False, True):
             check(backend, (2, 37, 11, 13), 2, training, channels_last, torch.float32, device)

@@ -218,11 +218,8 @@ def dwconv_bn_gelu(
         stride: 1 or 2.
         backend: "auto", "eager", "triton" or "ext".
     """
-    momentum, eps, stride = check_inputs(
-        x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride
-    )
-    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride)
-    impl = dispatch.select(OP, backend, dict(zip(_ARG_NAMES, args)))
+    impl, args = _select(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                         backend)
     return impl.impl(*args)
 
 
@@ -243,16 +240,22 @@ def dwconv_bn_gelu_pool(
     """``dwconv_bn_gelu`` and the per-image channel mean of its output ([B, C], fp32), the
     squeeze of the SE block that follows it in MBConv; fused backends produce the mean in the
     same pass instead of re-reading the output. Every backend's ``impl`` takes ``pool=True``."""
-    momentum, eps, stride = check_inputs(
-        x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride
-    )
-    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride)
-    impl = dispatch.select(OP, backend, dict(zip(_ARG_NAMES, args)))
+    impl, args = _select(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                         backend)
     y, sums = impl.impl(*args, pool=True)
     return y, sums / (y.shape[2] * y.shape[3])
 
 
 _ARG_NAMES = ("x", "weight", "bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps", "stride")
+
+
+def _select(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, backend):
+    """Validate, then pick the backend entry; returns it with the normalised arguments."""
+    momentum, eps, stride = check_inputs(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride
+    )
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride)
+    return dispatch.select(OP, backend, dict(zip(_ARG_NAMES, args))), args
 
 
 def supported_reasons(backend: str, x, weight, bn_weight, bn_bias, running_mean, running_var, *,
