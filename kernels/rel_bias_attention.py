@@ -25,9 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-
-
 @triton.jit
 def _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W):
     """table[offset(i, j), h] for a tile of query rows offs_m and key columns offs_n, in fp32."""

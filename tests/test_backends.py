@@ -165,3 +165,15 @@ def test_public_api():
         assert hasattr(coatnet_fast, name), name
     assert coatnet_fast.ops.rel_bias_attention is rel_bias_attention
     assert coatnet_fast.ops.dwconv_bn_gelu is dwconv_bn_gelu
+
+
+def test_triton_declines_cpu_tensors_without_the_interpreter(monkeypatch):
+    from coatnet_fast.ops.rel_bias_attention import supported_reasons
+
+    q = torch.randn(1, 1, 4, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = supported_reasons("triton", q, q, q, torch.randn(9, 1), (2, 2))
+    assert any("needs CUDA tensors" in w for w in why)
+    # "auto" then runs eager, and says nothing
+    out = rel_bias_attention(q, q, q, torch.randn(9, 1), (2, 2), backend="auto")
+    assert out.shape == q.shape

@@ -101,6 +101,13 @@ def triton_available() -> Optional[str]:
     return None
 
 
+def triton_device_reasons(t) -> List[str]:
+    """Triton kernels take CUDA tensors, and CPU tensors only under the interpreter."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
+        return []
+    return [f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {t.device}"]
+
+
 def ops() -> List[str]:
     return sorted(_TABLE)
 

@@ -177,9 +177,7 @@ def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_v
 
 
 def _triton_reasons(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride) -> List[str]:
-    why = []
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and dispatch.interpreting()):
-        why.append(f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {x.device}")
+    why = dispatch.triton_device_reasons(x)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         why.append(f"dtype {dtype} is not supported (float32, float16, bfloat16)")

@@ -155,12 +155,8 @@ def rel_bias_attention_triton(q, k, v, table, window, scale):
 
 
 def _triton_reasons(q, k, v, table, window, scale) -> List[str]:
-    from coatnet_fast.kernels.rel_bias_attention import SUPPORTED_HEAD_DIMS  # noqa: F401 (triton import)
-
-    why = []
+    why = dispatch.triton_device_reasons(q)
     on_cpu = q.device.type == "cpu"
-    if q.device.type != "cuda" and not (on_cpu and dispatch.interpreting()):
-        why.append(f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {q.device}")
     if q.shape[-1] not in _TRITON_HEAD_DIMS:
         why.append(f"head dim d={q.shape[-1]} is not supported (supported: {_TRITON_HEAD_DIMS})")
     dtype = q.dtype
@@ -173,6 +169,7 @@ def _triton_reasons(q, k, v, table, window, scale) -> List[str]:
     return why
 
 
+# tl.dot needs power-of-two tiles of at least 16 along d; the kernels hold d in one tile.
 _TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 dispatch.register(OP, "eager", rel_bias_attention_eager)
