@@ -38,6 +38,13 @@ def _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W):
 
 
 @triton.jit
+def _load_rows(PTR, b, h, rows, ok, offs_d, s_b, s_h, s_n, s_d):
+    """A [rows, D] tile of a strided [B, heads, N, D] tensor (rows int64: row * s_n may pass 2**31)."""
+    return tl.load(PTR + b * s_b + h * s_h + rows[:, None] * s_n + offs_d[None, :] * s_d,
+                   mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b with fp32 accumulation; IEEE keeps fp32 inputs out of TF32 (fp32 parity)."""
     if IEEE:
@@ -67,8 +74,7 @@ def _fwd(
     row_ok = offs_m < N
     rows = offs_m.to(tl.int64)  # row * stride may pass 2**31 (e.g. sequence-first layouts)
 
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, b, h, rows, row_ok, offs_d, sq_b, sq_h, sq_n, sq_d)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -76,10 +82,8 @@ def _fwd(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         cols = offs_n.to(tl.int64)
-        k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
-                    mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :] * sv_d,
-                    mask=col_ok[:, None], other=0.0)
+        k = _load_rows(K, b, h, cols, col_ok, offs_d, sk_b, sk_h, sk_n, sk_d)
+        v = _load_rows(V, b, h, cols, col_ok, offs_d, sv_b, sv_h, sv_n, sv_d)
         s = _dot(q, tl.trans(k), IEEE)
         s = s * scale + _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -117,20 +121,16 @@ def _bwd_dkdv(
     offs_d = tl.arange(0, D)
     col_ok = offs_n < N
     cols = offs_n.to(tl.int64)
-    k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :] * sv_d,
-                mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K, b, h, cols, col_ok, offs_d, sk_b, sk_h, sk_n, sk_d)
+    v = _load_rows(V, b, h, cols, col_ok, offs_d, sv_b, sv_h, sv_n, sv_d)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N
         rows = offs_m.to(tl.int64)
-        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_n + offs_d[None, :] * sdo_d,
-                     mask=row_ok[:, None], other=0.0)
+        q = _load_rows(Q, b, h, rows, row_ok, offs_d, sq_b, sq_h, sq_n, sq_d)
+        do = _load_rows(DO, b, h, rows, row_ok, offs_d, sdo_b, sdo_h, sdo_n, sdo_d)
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
         s = _dot(q, tl.trans(k), IEEE)
@@ -174,16 +174,12 @@ def _bwd_dq_dbias(
         for b32 in range(g, batch, n_groups):
             b = h * 0 + b32  # int64 (h is), in the interpreter too
             bh = b * n_heads + h
-            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :] * sq_d,
-                        mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_n + offs_d[None, :] * sdo_d,
-                         mask=row_ok[:, None], other=0.0)
+            q = _load_rows(Q, b, h, rows, row_ok, offs_d, sq_b, sq_h, sq_n, sq_d)
+            do = _load_rows(DO, b, h, rows, row_ok, offs_d, sdo_b, sdo_h, sdo_n, sdo_d)
             lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
-            k = tl.load(K + b * sk_b + h * sk_h + cols[:, None] * sk_n + offs_d[None, :] * sk_d,
-                        mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_n + offs_d[None, :] * sv_d,
-                        mask=col_ok[:, None], other=0.0)
+            k = _load_rows(K, b, h, cols, col_ok, offs_d, sk_b, sk_h, sk_n, sk_d)
+            v = _load_rows(V, b, h, cols, col_ok, offs_d, sv_b, sv_h, sv_n, sv_d)
             s = _dot(q, tl.trans(k), IEEE)
             dp = _dot(do, tl.trans(v), IEEE)
             p = tl.exp(s * scale + bias - lse[:, None])
