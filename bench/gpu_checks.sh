@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session runs, in one call, results under $OUT:
-#   install from the checkout, info, verify, the test suite (CPU and CUDA), the attention and
+#   install from the checkout, build the C++/CUDA extension, info, verify, the test suite (CPU and CUDA), the attention and
 #   depthwise-conv benchmarks, the model benchmark. Each stage has its own time limit, so a slow one cannot
 #   starve the rest; narrow them with the *_ARGS variables.
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> bash bench/gpu_checks.sh
@@ -15,6 +15,11 @@ export COATNET_FAST_COMMIT=${COATNET_FAST_COMMIT:-unknown}
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || echo "editable install failed (see install.txt); running from PYTHONPATH"
+# The extension (CPU + CUDA parts) before anything uses it, so its build time and any compiler
+# error land in their own log instead of inside a test's time limit.
+export MAX_JOBS=${MAX_JOBS:-16} COATNET_FAST_EXT_DIR=${COATNET_FAST_EXT_DIR:-$OUT/../coatnet_fast_ext_cache}
+{ time timeout "${EXT_TIMEOUT:-300}" python3 -m coatnet_fast build-ext --verbose; } > "$OUT/build_ext.txt" 2>&1 || { status=1; tail -60 "$OUT/build_ext.txt"; }
+grep -A12 "^built " "$OUT/build_ext.txt"
 { python3 -m coatnet_fast info && python3 -m coatnet_fast verify; } 2>&1 | tee "$OUT/verify.txt" || status=1
 # CI runs the CPU tests; here, the CUDA cases and the tests that pick the GPU themselves.
 if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a pytest_args <<< "$PYTEST_ARGS"

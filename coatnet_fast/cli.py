@@ -1,4 +1,4 @@
-"""Command line: ``coatnet-fast info | verify | list`` (also ``python -m coatnet_fast``)."""
+"""Command line: ``coatnet-fast info | verify | list | build-ext`` (also ``python -m coatnet_fast``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import torch
 
-from . import __version__
+from . import __version__, ext
 from ._env import device_description, dist_version
 from .ops import dispatch
 
@@ -27,6 +27,7 @@ def cmd_info(_args) -> int:
           f"einops {dist_version('einops')}, ninja {dist_version('ninja')}")
     print(f"device: {_device_line()}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
+    print(f"C++/CUDA extension: {ext.describe_status()}")
     print("backends (auto tries " + " -> ".join(dispatch.AUTO_ORDER) + "):")
     rows = []
     for op in dispatch.ops():
@@ -73,6 +74,24 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_build_ext(args) -> int:
+    """Build (or load) the extension now, and say what it was built against."""
+    try:
+        path = ext.load(verbose=args.verbose)
+    except ext.ExtensionUnavailableError as e:
+        print(f"coatnet-fast build-ext: error: {e}", file=sys.stderr)
+        return 1
+    info = ext.status().get("build_info", {})
+    print(f"built {path}")
+    for key, value in info.items():
+        print(f"  {key}: {' '.join(value) if isinstance(value, list) else value}")
+    cuda = ext.cuda_unavailable_reason()
+    if cuda:
+        print(f"  CUDA kernels: not built ({cuda})")
+    print("  ops: " + ", ".join(ext.registered_ops()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coatnet-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", action="append", choices=list(dispatch.BACKENDS),
                    help="backend to check; repeatable (default: every usable one)")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("build-ext", help="build the C++/CUDA extension now (it otherwise builds on first use)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    p.set_defaults(func=cmd_build_ext)
     p = sub.add_parser("list", help="the model family with parameter counts")
     p.add_argument("--image-size", type=int, default=224)
     p.set_defaults(func=cmd_list)

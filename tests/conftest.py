@@ -36,7 +36,9 @@ def _exact_fp32():
 @pytest.fixture
 def poison_empty(monkeypatch):
     """torch.empty / empty_like return NaN-filled floating tensors for the test's duration, so
-    any output element a kernel forgets to write shows up in the comparison."""
+    any output element a kernel forgets to write shows up in the comparison. The C++
+    extension allocates in C++, and poisons its outputs under COATNET_FAST_POISON_OUTPUTS=1."""
+    monkeypatch.setenv("COATNET_FAST_POISON_OUTPUTS", "1")
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poisoned(*args, **kwargs):

@@ -107,8 +107,13 @@ def test_relative_position_index_is_a_copy():
     assert relative_position_index(3, 3).max() == table_rows((3, 3)) - 1
 
 
-@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if dispatch.why_not(OP, b)])
-def test_unavailable_backend_raises_with_reason(backend):
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_unavailable_backend_raises_with_reason(backend, monkeypatch):
+    """A backend named explicitly that cannot run here raises with its reason (switched off
+    here, so that the test runs whether or not the machine has the backend)."""
+    entry = dispatch._TABLE[OP][backend]
+    monkeypatch.setitem(dispatch._TABLE[OP], backend, dispatch.OpBackend(
+        OP, backend, entry.impl, lambda: "not available: switched off for this test", entry.reasons))
     inputs, _ = make_inputs(1, 2, (3, 3), 8, torch.float32, "cpu", False)
     with pytest.raises(BackendUnavailableError, match=rf"{backend}: .*not available"):
         rel_bias_attention(*inputs, (3, 3), backend=backend)
@@ -181,16 +186,23 @@ def test_fused_kernels_write_every_output_element(backend, device, poison_empty)
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
 def test_auto_picks_the_fused_backend_where_it_can(backend, device, monkeypatch):
     """"auto" takes a capable fused backend (proved by the call landing in it), and eager
-    for inputs it declines (head dim 8)."""
+    for inputs it declines. Fused backends ahead of it in the order are switched off."""
     calls = []
     entry = dispatch._TABLE[OP][backend]
     monkeypatch.setitem(dispatch._TABLE[OP], backend, dispatch.OpBackend(
         OP, backend, lambda *a: calls.append(1) or entry.impl(*a), entry.available, entry.reasons))
+    for other in dispatch.AUTO_ORDER[:dispatch.AUTO_ORDER.index(backend)]:
+        monkeypatch.setitem(dispatch._TABLE[OP], other, dispatch.OpBackend(
+            OP, other, None, lambda: "switched off for this test", dispatch._no_reasons))
     inputs, _ = make_inputs(1, 2, (3, 3), 16, torch.float32, device, False)
     capable = not supported_reasons(backend, *inputs, (3, 3))  # e.g. CPU tensors without the interpreter
     rel_bias_attention(*inputs, (3, 3))
     assert calls == ([1] if capable else [])
-    inputs, _ = make_inputs(1, 2, (3, 3), 8, torch.float32, device, False)
+    # A head dim the backend declines: triton takes d in (16, 32, 64, 128), ext on CUDA d <= 128.
+    declined_d = {"triton": 8, "ext": 160 if device.type == "cuda" else None}[backend]
+    if declined_d is None:
+        return  # ext on the CPU declines no valid input
+    inputs, _ = make_inputs(1, 2, (3, 3), declined_d, torch.float32, device, False)
     assert supported_reasons(backend, *inputs, (3, 3))
     rel_bias_attention(*inputs, (3, 3))
     assert calls == ([1] if capable else [])

@@ -99,6 +99,8 @@ def set_backend(model: nn.Module, backend: str, ops: Optional[Iterable[str]] = N
             raise dispatch.BackendUnavailableError(
                 ", ".join(missing), {f"{backend} ({op})": why for op, why in missing.items()}
             )
+    for op in sorted({m.fused_op for m in modules}):
+        dispatch.prepare(op, backend)
     for m in modules:
         m.backend = backend
     if ops is None and hasattr(model, "backend") and not isinstance(model, FusedOpModule):

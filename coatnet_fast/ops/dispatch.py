@@ -39,7 +39,9 @@ class OpBackend:
     ``impl`` is the callable (same signature as the public op, without ``backend``), or None
     where this build has no implementation. ``available()`` returns None when the backend can
     run on this installation and machine, else the reason it cannot. ``reasons(**inputs)``
-    lists why it rejects particular inputs.
+    lists why it rejects particular inputs. ``prepare()``, when given, readies the backend
+    ahead of the first call (the extension builds or loads there), so that a model switched
+    to it does not stall, or get traced by torch.compile, halfway through a forward.
     """
 
     op: str
@@ -47,6 +49,7 @@ class OpBackend:
     impl: Optional[Callable[..., Any]]
     available: Callable[[], Optional[str]]
     reasons: Callable[..., List[str]]
+    prepare: Optional[Callable[[], Any]] = None
 
 
 _TABLE: Dict[str, Dict[str, OpBackend]] = {}
@@ -67,17 +70,13 @@ def register(
     *,
     available: Callable[[], Optional[str]] = _always,
     reasons: Callable[..., List[str]] = _no_reasons,
+    prepare: Optional[Callable[[], Any]] = None,
 ) -> None:
-    """Add or replace the entry for ``op`` on ``backend`` (later issues replace placeholders)."""
+    """Add or replace the entry for ``op`` on ``backend``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    _TABLE.setdefault(op, {})[backend] = OpBackend(op, backend, impl, available, reasons)
+    _TABLE.setdefault(op, {})[backend] = OpBackend(op, backend, impl, available, reasons, prepare)
 
-
-def not_in_this_build(what: str) -> Callable[[], Optional[str]]:
-    """An ``available`` answer for a backend whose kernel this version does not ship."""
-    message = f"not available: {what} is not part of this version of coatnet-fast"
-    return lambda: message
 
 
 def interpreting() -> bool:
@@ -150,6 +149,17 @@ def select(op: str, backend: str, inputs: Mapping[str, Any]) -> OpBackend:
             return _TABLE[op][name]
         rejected[name] = why
     raise BackendUnavailableError(op, rejected)
+
+
+def prepare(op: str, backend: str) -> None:
+    """Ready ``backend`` for ``op`` (for "auto": the first backend usable here)."""
+    names = AUTO_ORDER if backend == "auto" else (backend,)
+    for name in names:
+        if not why_not(op, name):
+            e = _TABLE[op][name]
+            if e.prepare is not None:
+                e.prepare()
+            return
 
 
 def usable_backends(op: str) -> List[str]:

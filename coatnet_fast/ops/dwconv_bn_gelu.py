@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import ext
 from . import _checks, dispatch
 
 OP = "dwconv_bn_gelu"
@@ -155,11 +156,13 @@ def _autocast(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _normalisation(x, weight, running_mean, running_var, training, momentum, eps, stride):
-    """(mean, rstd) to normalise with; in training, batch statistics, and the running ones updated."""
+def _normalisation(stats, x, weight, running_mean, running_var, training, momentum, eps, stride):
+    """(mean, rstd) to normalise with; in training, batch statistics from ``stats``, and the
+    running ones updated."""
     if not training:
-        return running_mean.float(), torch.rsqrt(running_var.float() + eps)
-    mean, var = _triton_stats(x.detach(), weight.detach(), stride)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+    mean, var = stats(x.detach(), weight.detach(), stride)
     batch, _, ho, wo = _out_shape(x, stride)
     count = batch * ho * wo
     with torch.no_grad():  # nn.BatchNorm2d's update: biased variance normalises, unbiased is tracked
@@ -171,7 +174,7 @@ def _normalisation(x, weight, running_mean, running_var, training, momentum, eps
 def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
                           pool=False):
     x = _autocast(x)
-    mean, rstd = _normalisation(x, weight, running_mean, running_var, training, momentum, eps, stride)
+    mean, rstd = _normalisation(_triton_stats, x, weight, running_mean, running_var, training, momentum, eps, stride)
     y, sums = _triton_forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
     return (y, sums) if pool else y
 
@@ -186,7 +189,77 @@ def _triton_reasons(x, weight, bn_weight, bn_bias, running_mean, running_var, tr
 
 dispatch.register(OP, "eager", dwconv_bn_gelu_eager)
 dispatch.register(OP, "triton", dwconv_bn_gelu_triton, available=dispatch.triton_available, reasons=_triton_reasons)
-dispatch.register(OP, "ext", None, available=dispatch.not_in_this_build("the C++/CUDA extension for dwconv_bn_gelu"))
+
+
+# --- ext backend: torch.ops.coatnet_fast_ext (csrc/), built on first use ---------------------
+# Schemas and CPU/CUDA kernels are registered in C++; fake kernels and the autograd formula
+# of ``dwconv_bn_gelu_forward`` (the BatchNorm training backward, in the C++ backward op) are
+# added here once the library is loaded.
+
+def _ext_fake_stats(x, weight, stride):
+    stats = x.new_empty((x.shape[1],), dtype=_acc_dtype(x))
+    return stats, torch.empty_like(stats)
+
+
+def _ext_fake_apply(x, weight, scale, shift, stride, pool):
+    sums = x.new_empty((x.shape[0], x.shape[1]) if pool else (0,), dtype=_acc_dtype(x))
+    return _out_like(x, _out_shape(x, stride)), sums
+
+
+def _ext_fake_forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool):
+    return _ext_fake_apply(x, weight, None, None, stride, pool)
+
+
+def _ext_fake_backward(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride, training):
+    return (_out_like(x, tuple(x.shape)), weight.new_empty(weight.shape), bn_weight.new_empty(bn_weight.shape),
+            bn_bias.new_empty(bn_bias.shape))
+
+
+def _ext_backward(ctx, dy, dsums):
+    x, weight, bn_weight, bn_bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dgamma, dbeta = torch.ops.coatnet_fast_ext.dwconv_bn_gelu_backward(
+        dy, dsums if ctx.pool else None, x, weight, bn_weight, bn_bias, mean, rstd, ctx.stride, ctx.training)
+    return dx, dweight, dgamma, dbeta, None, None, None, None, None
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _register_ext_python_parts() -> None:
+    ns = "coatnet_fast_ext::"
+    torch.library.register_fake(ns + "dwconv_bn_stats")(_ext_fake_stats)
+    torch.library.register_fake(ns + "dwconv_bn_gelu_apply")(_ext_fake_apply)
+    torch.library.register_fake(ns + "dwconv_bn_gelu_forward")(_ext_fake_forward)
+    torch.library.register_fake(ns + "dwconv_bn_gelu_backward")(_ext_fake_backward)
+    torch.library.register_autograd(ns + "dwconv_bn_gelu_forward", _ext_backward, setup_context=_dw_setup_context)
+
+
+ext.on_load(_register_ext_python_parts)
+
+
+def dwconv_bn_gelu_ext(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                       pool=False):
+    if not ext.is_loaded():
+        ext.load()
+    x = _autocast(x)
+    mean, rstd = _normalisation(torch.ops.coatnet_fast_ext.dwconv_bn_stats, x, weight, running_mean, running_var,
+                                training, momentum, eps, stride)
+    y, sums = torch.ops.coatnet_fast_ext.dwconv_bn_gelu_forward(x, weight, bn_weight, bn_bias, mean, rstd, training,
+                                                                stride, pool)
+    return (y, sums) if pool else y
+
+
+def _ext_reasons(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride) -> List[str]:
+    why = ext.device_reasons(x)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if dtype not in ext.DTYPES:
+        why.append(f"dtype {dtype} is not supported ({', '.join(str(t) for t in ext.DTYPES)})")
+    return why
+
+
+dispatch.register(OP, "ext", dwconv_bn_gelu_ext, available=ext.unavailable_reason, reasons=_ext_reasons,
+                  prepare=ext.load)
 
 
 def dwconv_bn_gelu(

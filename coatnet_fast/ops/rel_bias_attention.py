@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import ext
 from . import _checks, dispatch
 
 OP = "rel_bias_attention"
@@ -145,12 +146,17 @@ def _backward(ctx, do, _dlse):
 torch.library.register_autograd("coatnet_fast::rel_bias_attention_triton", _backward, setup_context=_setup_context)
 
 
-def rel_bias_attention_triton(q, k, v, table, window, scale):
+def _autocast_qkv(q, k, v):
     if torch.is_autocast_enabled(q.device.type):
         # What autocast does to the eager matmuls: q, k, v in the autocast dtype; the table
         # stays fp32 and the softmax runs in fp32 inside the kernel.
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
+def rel_bias_attention_triton(q, k, v, table, window, scale):
+    q, k, v = _autocast_qkv(q, k, v)
     return _triton_forward(q, k, v, table, window[0], window[1], scale)[0]
 
 
@@ -174,7 +180,65 @@ _TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 dispatch.register(OP, "eager", rel_bias_attention_eager)
 dispatch.register(OP, "triton", rel_bias_attention_triton, available=dispatch.triton_available, reasons=_triton_reasons)
-dispatch.register(OP, "ext", None, available=dispatch.not_in_this_build("the C++/CUDA extension for rel_bias_attention"))
+
+
+# --- ext backend: torch.ops.coatnet_fast_ext (csrc/), built on first use ---------------------
+# The schemas and CPU/CUDA kernels are registered in C++; the fake kernels and the autograd
+# formula are added here once the library is loaded.
+
+def _ext_fake_forward(q, k, v, table, height, width, scale):
+    batch, heads, n, d = q.shape
+    return q.new_empty((batch, heads, n, d)), q.new_empty((batch, heads, n), dtype=_acc_dtype(q.dtype))
+
+
+def _ext_fake_backward(do, q, k, v, table, o, lse, height, width, scale):
+    shape = tuple(q.shape)
+    return q.new_empty(shape), q.new_empty(shape), q.new_empty(shape), table.new_empty(table.shape)
+
+
+def _ext_backward(ctx, do, _dlse):
+    q, k, v, table, o, lse = ctx.saved_tensors
+    dq, dk, dv, dtable = torch.ops.coatnet_fast_ext.rel_bias_attention_backward(
+        do, q, k, v, table, o, lse, ctx.window[0], ctx.window[1], ctx.scale)
+    return dq, dk, dv, dtable, None, None, None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_ext_python_parts() -> None:
+    forward = "coatnet_fast_ext::rel_bias_attention_forward"
+    torch.library.register_fake(forward)(_ext_fake_forward)
+    torch.library.register_fake("coatnet_fast_ext::rel_bias_attention_backward")(_ext_fake_backward)
+    torch.library.register_autograd(forward, _ext_backward, setup_context=_setup_context)
+
+
+ext.on_load(_register_ext_python_parts)
+
+
+def rel_bias_attention_ext(q, k, v, table, window, scale):
+    if not ext.is_loaded():
+        ext.load()
+    q, k, v = _autocast_qkv(q, k, v)
+    return torch.ops.coatnet_fast_ext.rel_bias_attention_forward(q, k, v, table, window[0], window[1], scale)[0]
+
+
+def _ext_reasons(q, k, v, table, window, scale) -> List[str]:
+    why = ext.device_reasons(q)
+    if q.device.type == "cuda" and q.shape[-1] > _EXT_CUDA_MAX_HEAD_DIM:
+        why.append(f"head dim d={q.shape[-1]} is above the CUDA kernel's limit of {_EXT_CUDA_MAX_HEAD_DIM}")
+    dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+    if dtype not in ext.DTYPES:
+        why.append(f"dtype {dtype} is not supported ({', '.join(str(t) for t in ext.DTYPES)})")
+    return why
+
+
+# The CUDA kernel holds a query row's d values in registers.
+_EXT_CUDA_MAX_HEAD_DIM = 128
+
+dispatch.register(OP, "ext", rel_bias_attention_ext, available=ext.unavailable_reason, reasons=_ext_reasons,
+                  prepare=ext.load)
 
 
 def rel_bias_attention(

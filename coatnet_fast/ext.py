@@ -1,0 +1,283 @@
+"""The optional C++/CUDA extension behind the ``"ext"`` backend: built on first use, cached.
+
+The sources in ``csrc/`` are compiled by ``torch.utils.cpp_extension.load`` with ninja into a
+per-user cache, in a directory named by a hash of the sources, the torch and CUDA versions,
+the Python version and the compiler flags, so a changed source or a new torch builds afresh
+and an unchanged one loads in milliseconds. The library registers its ops with TORCH_LIBRARY
+under ``torch.ops.coatnet_fast_ext``; the op modules add their autograd formulas and fake
+kernels from Python once it is loaded (``on_load``).
+
+Importing this module compiles nothing and does not initialise CUDA. ``coatnet-fast build-ext``
+builds ahead of time; ``coatnet-fast info`` reports ``status()``.
+
+Environment:
+    COATNET_FAST_EXT_DIR: cache root (default ``$XDG_CACHE_HOME/coatnet_fast/ext``, else
+        ``~/.cache/coatnet_fast/ext``).
+    COATNET_FAST_EXT_CUDA=0: build the CPU part only, even when torch has CUDA.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ._paths import csrc_dir
+
+NAMESPACE = "coatnet_fast_ext"
+CPU_SOURCES = ("ops.cpp", "rel_bias_attention_cpu.cpp", "dwconv_bn_gelu_cpu.cpp")
+CUDA_SOURCES = ("ops_cuda.cpp", "rel_bias_attention_cuda.cu", "dwconv_bn_gelu_cuda.cu")
+_SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
+
+
+class ExtensionUnavailableError(RuntimeError):
+    """The extension cannot be built or loaded here; the message says why."""
+
+
+_lock = threading.RLock()
+_loaded_path: Optional[Path] = None
+_build_failure: Optional[str] = None
+_on_load: List[Callable[[], None]] = []
+
+
+def cache_root() -> Path:
+    if os.environ.get("COATNET_FAST_EXT_DIR"):
+        return Path(os.environ["COATNET_FAST_EXT_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "coatnet_fast" / "ext"
+
+
+def cpu_flags() -> List[str]:
+    """Compiler flags for the CPU kernels.
+
+    ATen's vector types pick their instruction set from CPU_CAPABILITY macros (ATen's own
+    build compiles each kernel once per capability); the extension is built for the machine
+    it runs on, so it takes AVX2 where the CPU has it (AVX-512 machines included) and the
+    portable scalar fallback elsewhere. OpenMP backs at::parallel_for, which is inline in
+    ATen's headers.
+    """
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2",
+        "AVX512",
+    ):
+        return flags + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return flags + ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def cuda_flags() -> List[str]:
+    return ["-O3", "-std=c++17"]
+
+
+# Looked up once (the dispatcher asks on every call, and torch.compile traces the answer).
+_cuda_reason: Optional[List[Optional[str]]] = None
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    """None when the build includes the CUDA kernels, else why it does not."""
+    global _cuda_reason
+    if _cuda_reason is None:
+        _cuda_reason = [_find_cuda_reason()]
+    return _cuda_reason[0]
+
+
+def _find_cuda_reason() -> Optional[str]:
+    if os.environ.get("COATNET_FAST_EXT_CUDA") == "0":
+        return "COATNET_FAST_EXT_CUDA=0 asks for a CPU-only build"
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "nvcc was not found (set CUDA_HOME)"
+    missing = [s for s in CUDA_SOURCES if not (csrc_dir() / s).is_file()]
+    if missing:
+        return f"CUDA sources missing from {csrc_dir()}: {', '.join(missing)}"
+    return None
+
+
+def with_cuda() -> bool:
+    """Build the CUDA kernels too: torch has CUDA and nvcc is found (CUDA_HOME)."""
+    return cuda_unavailable_reason() is None
+
+
+# What the kernels take; float64 is there for torch.autograd.gradcheck.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def device_reasons(t: torch.Tensor) -> List[str]:
+    """The extension runs CPU tensors, and CUDA tensors when built with its CUDA kernels."""
+    if t.device.type == "cpu":
+        return []
+    if t.device.type == "cuda":
+        why = cuda_unavailable_reason()
+        return [f"this build of the extension has no CUDA kernels: {why}"] if why else []
+    return [f"needs CPU or CUDA tensors; got {t.device}"]
+
+
+def _compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _key(cuda: bool) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in csrc_dir().iterdir() if p.suffix in _SOURCE_SUFFIXES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    config = [torch.__version__, str(torch.version.cuda), sys.version.split()[0], platform.machine(),
+              cpu_flags(), cuda, cuda_flags() if cuda else [], os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+    digest.update(json.dumps(config).encode())
+    return digest.hexdigest()[:16]
+
+
+def _build_dir(cuda: bool) -> Path:
+    return cache_root() / f"{NAMESPACE}_{_key(cuda)}"
+
+
+def _library_path(build_dir: Path) -> Path:
+    return build_dir / f"{build_dir.name}.so"
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the extension is loaded, built, or can be built here; else why not."""
+    if _loaded_path is not None:
+        return None
+    if _build_failure is not None:
+        return _build_failure
+    missing = [s for s in CPU_SOURCES if not (csrc_dir() / s).is_file()]
+    if missing:
+        return f"the extension's sources are missing from {csrc_dir()}: {', '.join(missing)}"
+    if _library_path(_build_dir(with_cuda())).is_file():
+        return None
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "cannot build the C++ extension: ninja is not installed (pip install ninja)"
+    if _compiler() is None:
+        return f"cannot build the C++ extension: no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
+    return None
+
+
+def is_loaded() -> bool:
+    return _loaded_path is not None
+
+
+def on_load(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the library is loaded (now, if it already is)."""
+    with _lock:
+        _on_load.append(callback)
+        if _loaded_path is not None:
+            callback()
+
+
+def load(verbose: bool = False) -> Path:
+    """Load the extension, building it first when this configuration has no build yet."""
+    global _loaded_path, _build_failure
+    with _lock:
+        if _loaded_path is not None:
+            return _loaded_path
+        why = unavailable_reason()
+        if why is not None:
+            raise ExtensionUnavailableError(why)
+        cuda = with_cuda()
+        build_dir = _build_dir(cuda)
+        library = _library_path(build_dir)
+        try:
+            if library.is_file() and not verbose:
+                torch.ops.load_library(str(library))
+            else:
+                _build(build_dir, cuda, verbose)
+        except Exception as e:  # a compiler error, a missing header, an unloadable library
+            _build_failure = f"building the C++ extension failed: {e}"
+            raise ExtensionUnavailableError(_build_failure) from e
+        _loaded_path = library
+        for callback in _on_load:
+            callback()
+        return library
+
+
+def _build(build_dir: Path, cuda: bool, verbose: bool) -> None:
+    from torch.utils.cpp_extension import load as cpp_load
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(csrc_dir() / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
+    cpp_load(
+        name=build_dir.name,
+        sources=sources,
+        extra_cflags=cpu_flags(),
+        extra_cuda_cflags=cuda_flags() if cuda else None,
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(csrc_dir())],
+        build_directory=str(build_dir),
+        with_cuda=cuda,
+        is_python_module=False,
+        verbose=verbose,
+    )
+    (build_dir / "build-info.json").write_text(json.dumps(_build_info(cuda), indent=2) + "\n")
+
+
+def _build_info(cuda: bool) -> Dict[str, object]:
+    compiler = _compiler()
+    version = ""
+    if compiler:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+        version = done.stdout.splitlines()[0] if done.stdout else ""
+    info: Dict[str, object] = {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "compiler": f"{compiler} ({version})",
+        "cpu_flags": cpu_flags(),
+        "cuda": cuda,
+        "sources": list(CPU_SOURCES + (CUDA_SOURCES if cuda else ())),
+    }
+    if cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        info.update(cuda_version=torch.version.cuda, cuda_home=CUDA_HOME, cuda_flags=cuda_flags(),
+                    cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPUs'"))
+    return info
+
+
+def status() -> Dict[str, object]:
+    """What ``coatnet-fast info`` reports: built or not, where, against what; never builds."""
+    cuda = with_cuda()
+    # Once loaded, report that library, even if the sources have changed since.
+    library = _loaded_path or _library_path(_build_dir(cuda))
+    build_dir = library.parent
+    result: Dict[str, object] = {
+        "loaded": _loaded_path is not None,
+        "built": library.is_file(),
+        "path": str(library),
+        "cuda": cuda,
+        "unavailable": unavailable_reason(),
+    }
+    stamp = build_dir / "build-info.json"
+    if stamp.is_file():
+        result["build_info"] = json.loads(stamp.read_text())
+    return result
+
+
+def registered_ops() -> List[str]:
+    """The ops the loaded library registered, as ``namespace::name``."""
+    prefix = NAMESPACE + "::"
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
+
+
+def describe_status() -> str:
+    """One line for ``coatnet-fast info``."""
+    s = status()
+    part = "CPU+CUDA" if s["cuda"] else "CPU"
+    if s["unavailable"]:
+        return f"not usable: {s['unavailable']}"
+    if s["loaded"]:
+        return f"loaded ({part}) from {s['path']}"
+    if s["built"]:
+        return f"built ({part}) at {s['path']}"
+    return f"not built yet ({part}); builds on first use or with `coatnet-fast build-ext` into {s['path']}"

@@ -1,0 +1,229 @@
+"""The C++/CUDA extension behind the "ext" backend: building, caching, the loading rules, and
+float64 gradcheck. Parity of its kernels with float64 eager (outputs, every gradient, running
+statistics, layouts, dtypes, poisoned outputs, determinism, the model in train and eval) runs
+in test_rel_bias_attention.py, test_dwconv_bn_gelu.py and test_model.py, which take every
+usable backend."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from coatnet_fast import cli, ext
+from coatnet_fast.ops import BackendUnavailableError, dispatch, dwconv_bn_gelu_pool, rel_bias_attention
+from coatnet_fast.ops.rel_bias_attention import table_rows
+
+OPS = ("rel_bias_attention", "dwconv_bn_gelu")
+
+
+def _toolchain_reason():
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler on PATH"
+    return None
+
+
+# The one condition under which these tests cannot run: no toolchain to build with. CI has
+# one (and .ci/run builds the extension before the tests, failing on a build error).
+needs_toolchain = pytest.mark.skipif(_toolchain_reason() is not None,
+                                     reason=f"cannot build the extension here: {_toolchain_reason()}")
+
+
+@pytest.fixture(scope="module")
+def library():
+    ext.load()
+    return torch.ops.coatnet_fast_ext
+
+
+@needs_toolchain
+def test_ext_is_usable_for_both_ops_with_a_toolchain(library):
+    for op in OPS:
+        assert "ext" in dispatch.usable_backends(op), dispatch.why_not(op, "ext")
+    assert ext.is_loaded() and ext.status()["built"]
+
+
+@needs_toolchain
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "qkv-views"])
+def test_attention_gradcheck_float64(library, strided, device):
+    g = torch.Generator().manual_seed(0)
+    window, heads, d = (2, 3), 2, 4
+    n = window[0] * window[1]
+    if strided:
+        qkv = torch.randn(2, n, 3 * heads * d, generator=g, dtype=torch.float64).to(device)
+        q, k, v = (t.detach().requires_grad_() for t in qkv.unflatten(-1, (3, heads, d)).permute(2, 0, 3, 1, 4))
+    else:
+        q, k, v = (torch.randn(2, heads, n, d, generator=g, dtype=torch.float64, device=device).requires_grad_()
+                   for _ in range(3))
+    table = torch.randn(table_rows(window), heads, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def fn(q, k, v, table):
+        return rel_bias_attention(q, k, v, table, window, backend="ext")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, table))
+
+
+@needs_toolchain
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride, channels_last", [(1, False), (2, True)], ids=["s1-nchw", "s2-nhwc"])
+def test_dwconv_gradcheck_float64(library, training, stride, channels_last, device):
+    """x, conv weight, BN weight and bias; the output and the pooled SE squeeze both carry
+    gradient (the pooled one flows back through the kernel's epilogue)."""
+    g = torch.Generator().manual_seed(1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64).to(device).contiguous(memory_format=fmt)
+    weight = torch.randn(3, 1, 3, 3, generator=g, dtype=torch.float64).to(device)
+    gamma = (1 + 0.3 * torch.randn(3, generator=g, dtype=torch.float64)).to(device)
+    beta = (0.3 * torch.randn(3, generator=g, dtype=torch.float64)).to(device)
+    running_mean = torch.randn(3, generator=g, dtype=torch.float64).to(device)
+    running_var = torch.rand(3, generator=g, dtype=torch.float64).to(device) + 0.5
+    inputs = tuple(t.requires_grad_() for t in (x, weight, gamma, beta))
+
+    def fn(x, weight, gamma, beta):
+        # Fresh running statistics per call: training updates them in place.
+        return dwconv_bn_gelu_pool(x, weight, gamma, beta, running_mean.clone(), running_var.clone(),
+                                   training=training, stride=stride, backend="ext")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_build_directory_is_keyed_by_sources_and_versions(tmp_path, monkeypatch):
+    sources = tmp_path / "csrc"
+    shutil.copytree(ext.csrc_dir(), sources)
+    monkeypatch.setattr(ext, "csrc_dir", lambda: sources)
+    first = ext._key(False)
+    assert ext._key(False) == first
+    assert ext._key(True) != first  # the CUDA build lives apart from the CPU-only one
+    with open(sources / "ops.cpp", "a") as f:
+        f.write("\n// an edit\n")
+    assert ext._key(False) != first
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    edited = ext._key(False)
+    assert edited != first and ext._build_dir(False).name.endswith(edited)
+
+
+def _run_python(code, tmp_path, **env):
+    """Run ``code`` in a fresh interpreter; ``env`` entries set to None are removed."""
+    full_env = dict(os.environ, COATNET_FAST_EXT_DIR=str(tmp_path / "cache"))
+    full_env.update(env)
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=600)
+
+
+def test_import_and_info_compile_nothing(tmp_path):
+    code = """
+        import torch, coatnet_fast
+        from coatnet_fast import cli, ext
+        assert not ext.is_loaded()
+        assert cli.main(["info"]) == 0
+        assert not ext.is_loaded() and not torch.cuda.is_initialized()
+    """
+    done = _run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "C++/CUDA extension: " in done.stdout
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.iterdir()), "importing or `info` started a build"
+
+
+def test_without_ninja_auto_moves_on_and_ext_says_why(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(cpp, "is_ninja_available", lambda: False)
+    monkeypatch.setattr(ext, "_loaded_path", None)  # as in a fresh process
+    monkeypatch.setenv("COATNET_FAST_EXT_DIR", str(tmp_path))  # nothing built there
+    why = ext.unavailable_reason()
+    assert why and "ninja" in why
+    assert "ninja" in ext.describe_status()
+    for op in OPS:
+        assert dispatch.why_not(op, "ext") == [why]
+    # "auto" passes over ext (triton switched off so that ext would be next) and runs eager.
+    calls = []
+    for op in OPS:
+        eager = dispatch._TABLE[op]["eager"]
+        monkeypatch.setitem(dispatch._TABLE[op], "triton", dispatch.OpBackend(
+            op, "triton", None, lambda: "switched off for this test", dispatch._no_reasons))
+        monkeypatch.setitem(dispatch._TABLE[op], "eager", dispatch.OpBackend(
+            op, "eager", lambda *a, _f=eager.impl, **k: calls.append(1) or _f(*a, **k), eager.available,
+            eager.reasons))
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    table = torch.randn(table_rows((2, 2)), 2)
+    rel_bias_attention(q, k, v, table, (2, 2))
+    assert calls == [1]
+    with pytest.raises(BackendUnavailableError, match="ext: cannot build the C\\+\\+ extension: ninja"):
+        rel_bias_attention(q, k, v, table, (2, 2), backend="ext")
+
+
+@needs_toolchain
+def test_a_failed_build_raises_clearly_then_auto_moves_on(tmp_path):
+    """A compiler error surfaces as ExtensionUnavailableError with the compiler's message;
+    afterwards the backend reports the failure and "auto" runs something else."""
+    broken = tmp_path / "csrc"
+    shutil.copytree(ext.csrc_dir(), broken)
+    with open(broken / "rel_bias_attention_cpu.cpp", "a") as f:
+        f.write("\nthis_is_not_cpp;\n")
+    code = f"""
+        import torch
+        from pathlib import Path
+        from coatnet_fast import ext
+        from coatnet_fast.ops import dispatch, rel_bias_attention
+        ext.csrc_dir = lambda: Path({str(broken)!r})
+        try:
+            ext.load()
+        except ext.ExtensionUnavailableError as e:
+            assert "this_is_not_cpp" in str(e), str(e)[-2000:]
+        else:
+            raise AssertionError("the broken build loaded")
+        assert "building the C++ extension failed" in dispatch.why_not("rel_bias_attention", "ext")[0]
+        q = torch.randn(1, 1, 4, 16)
+        assert dispatch.select("rel_bias_attention", "auto", dict(q=q, k=q, v=q, table=torch.randn(9, 1),
+                               window=(2, 2), scale=0.25)).backend == "eager"
+        rel_bias_attention(q, q, q, torch.randn(9, 1), (2, 2))
+        print("ok")
+    """
+    done = _run_python(code, tmp_path, TRITON_INTERPRET=None)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@needs_toolchain
+def test_build_ext_command_reports_what_it_built_against(library, capsys):
+    assert cli.main(["build-ext"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("built ") and f"torch: {torch.__version__}" in out
+    assert "compiler: " in out and "rel_bias_attention_forward" in out and "dwconv_bn_gelu_backward" in out
+    assert cli.main(["info"]) == 0
+    assert "C++/CUDA extension: loaded" in capsys.readouterr().out
+
+
+@needs_toolchain
+def test_a_cached_build_loads_in_a_new_process_without_compiling(library, tmp_path):
+    """The second process finds the library by its key and only loads it."""
+    code = """
+        import time, torch
+        from coatnet_fast import ext
+        from torch.utils import cpp_extension
+        def refuse(*a, **k):
+            raise AssertionError("compiled although a build was cached")
+        cpp_extension.load = refuse
+        ext.load()
+        q = torch.randn(1, 1, 4, 16)
+        print(torch.ops.coatnet_fast_ext.rel_bias_attention_forward(q, q, q, torch.randn(9, 1), 2, 2, 0.25)[0].shape)
+    """
+    done = _run_python(code, tmp_path, COATNET_FAST_EXT_DIR=str(ext.cache_root()))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.Size([1, 1, 4, 16])" in done.stdout
+
+
+@needs_toolchain
+def test_c_plus_plus_checks_name_the_argument(library):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"table must have shape \[\(2H-1\)\(2W-1\), heads\] = \[9, 2\]"):
+        library.rel_bias_attention_forward(q, q, q, torch.randn(8, 2), 2, 2, 0.5)
+    with pytest.raises(RuntimeError, match=r"window \(3, 2\) must have H\*W == N = 4"):
+        library.rel_bias_attention_forward(q, q, q, torch.randn(15, 2), 3, 2, 0.5)
