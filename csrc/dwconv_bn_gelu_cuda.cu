@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "cuda_launchers.h"
 
 namespace coatnet_fast_cuda {
@@ -30,36 +31,6 @@ namespace {
 constexpr int kMaxThreads = 256;
 constexpr int kClChannels = 32;  // channels per block, channels_last
 constexpr int kClLanes = 8;      // position lanes per block, channels_last
-
-// Element type <-> accumulation type.
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  using acc = float;
-  static __device__ __forceinline__ float load(float x) { return x; }
-  static __device__ __forceinline__ float store(float x) { return x; }
-};
-template <> struct Cvt<double> {
-  using acc = double;
-  static __device__ __forceinline__ double load(double x) { return x; }
-  static __device__ __forceinline__ double store(double x) { return x; }
-};
-template <> struct Cvt<__half> {
-  using acc = float;
-  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  using acc = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
-
-__device__ __forceinline__ float acc_erf(float x) { return erff(x); }
-__device__ __forceinline__ double acc_erf(double x) { return erf(x); }
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_nan(float) { return CUDART_NAN_F; }
-__device__ __forceinline__ double acc_nan(double) { return CUDART_NAN; }
 
 constexpr double kSqrtHalf = 0.70710678118654752440;     // 1 / sqrt(2)
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)

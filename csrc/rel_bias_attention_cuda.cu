@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "cuda_launchers.h"
 
 namespace coatnet_fast_cuda {
@@ -35,34 +36,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerWarp = kTile / kWarps;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
-
-// Element type <-> accumulation type.
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  using acc = float;
-  static __device__ __forceinline__ float load(float x) { return x; }
-  static __device__ __forceinline__ float store(float x) { return x; }
-};
-template <> struct Cvt<double> {
-  using acc = double;
-  static __device__ __forceinline__ double load(double x) { return x; }
-  static __device__ __forceinline__ double store(double x) { return x; }
-};
-template <> struct Cvt<__half> {
-  using acc = float;
-  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  using acc = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
-
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
 
 // Butterfly reductions: every lane ends with the same bits (each step adds the same pair in
 // either order, and + / fmax are commutative), so warp-uniform decisions stay uniform.

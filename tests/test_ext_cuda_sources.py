@@ -21,7 +21,7 @@ import torch.utils.cpp_extension
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SHIM = Path(__file__).resolve().parent / "ext_cuda_shim"
 CU_FILES = sorted(CSRC.glob("*.cu"))
-TORCH_FREE = CU_FILES + [CSRC / "cuda_launchers.h"]
+TORCH_FREE = CU_FILES + sorted(CSRC.glob("*.cuh")) + [CSRC / "cuda_launchers.h"]
 INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)
 
 
