@@ -46,6 +46,9 @@ _lock = threading.RLock()
 _loaded_path: Optional[Path] = None
 _build_failure: Optional[str] = None
 _on_load: List[Callable[[], None]] = []
+# unavailable_reason()'s answer before the first load, remembered: the dispatcher asks on
+# every call, and hashing the sources or asking ninja each time would cost milliseconds.
+_verdict: Optional[List[Optional[str]]] = None
 
 
 def cache_root() -> Path:
@@ -98,6 +101,13 @@ def _find_cuda_reason() -> Optional[str]:
 
     if CUDA_HOME is None:
         return "nvcc was not found (set CUDA_HOME)"
+    # cpp_extension runs $CUDA_HOME/bin/nvcc, and CUDA_HOME may be a runtime-only /usr/local/cuda.
+    nvcc = Path(CUDA_HOME) / "bin" / ("nvcc.exe" if os.name == "nt" else "nvcc")
+    if not nvcc.is_file():
+        return f"nvcc was not found at {nvcc} (set CUDA_HOME)"
+    # Without an arch list, cpp_extension builds for the visible GPUs and fails when there are none.
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "") in ("", "native") and torch.cuda.device_count() == 0:
+        return "no GPU is visible and TORCH_CUDA_ARCH_LIST is not set (set it to build the CUDA kernels)"
     missing = [s for s in CUDA_SOURCES if not (csrc_dir() / s).is_file()]
     if missing:
         return f"CUDA sources missing from {csrc_dir()}: {', '.join(missing)}"
@@ -145,16 +155,29 @@ def _library_path(build_dir: Path) -> Path:
     return build_dir / f"{build_dir.name}.so"
 
 
+def _is_built(build_dir: Path) -> bool:
+    # build-info.json is written after a successful build: a library still being linked by
+    # another process (torchrun ranks starting together) does not count yet.
+    return _library_path(build_dir).is_file() and (build_dir / "build-info.json").is_file()
+
+
 def unavailable_reason() -> Optional[str]:
     """None when the extension is loaded, built, or can be built here; else why not."""
+    global _verdict
     if _loaded_path is not None:
         return None
     if _build_failure is not None:
         return _build_failure
+    if _verdict is None:
+        _verdict = [_find_unavailable_reason()]
+    return _verdict[0]
+
+
+def _find_unavailable_reason() -> Optional[str]:
     missing = [s for s in CPU_SOURCES if not (csrc_dir() / s).is_file()]
     if missing:
         return f"the extension's sources are missing from {csrc_dir()}: {', '.join(missing)}"
-    if _library_path(_build_dir(with_cuda())).is_file():
+    if _is_built(_build_dir(with_cuda())):
         return None
     from torch.utils.cpp_extension import is_ninja_available
 
@@ -189,17 +212,24 @@ def load(verbose: bool = False) -> Path:
         cuda = with_cuda()
         build_dir = _build_dir(cuda)
         library = _library_path(build_dir)
-        try:
-            if library.is_file() and not verbose:
+        if _is_built(build_dir) and not verbose:
+            try:
                 torch.ops.load_library(str(library))
-            else:
+            except Exception as e:
+                _build_failure = (f"loading the cached C++ extension {library} failed: {e}; "
+                                  f"delete {build_dir} to rebuild it")
+                raise ExtensionUnavailableError(_build_failure) from e
+        else:
+            try:
                 _build(build_dir, cuda, verbose)
-        except Exception as e:  # a compiler error, a missing header, an unloadable library
-            _build_failure = f"building the C++ extension failed: {e}"
-            raise ExtensionUnavailableError(_build_failure) from e
-        _loaded_path = library
+            except Exception as e:  # a compiler error, a missing header, an unloadable library
+                _build_failure = f"building the C++ extension failed: {e}"
+                raise ExtensionUnavailableError(_build_failure) from e
+        # The fake kernels and autograd formulas go in before is_loaded() says so: another
+        # thread that sees it loaded calls the ops straight away.
         for callback in _on_load:
             callback()
+        _loaded_path = library
         return library
 
 
@@ -253,7 +283,7 @@ def status() -> Dict[str, object]:
     build_dir = library.parent
     result: Dict[str, object] = {
         "loaded": _loaded_path is not None,
-        "built": library.is_file(),
+        "built": _is_built(build_dir),
         "path": str(library),
         "cuda": cuda,
         "unavailable": unavailable_reason(),

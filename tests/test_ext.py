@@ -137,6 +137,7 @@ def test_without_ninja_auto_moves_on_and_ext_says_why(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cpp, "is_ninja_available", lambda: False)
     monkeypatch.setattr(ext, "_loaded_path", None)  # as in a fresh process
+    monkeypatch.setattr(ext, "_verdict", None)
     monkeypatch.setenv("COATNET_FAST_EXT_DIR", str(tmp_path))  # nothing built there
     why = ext.unavailable_reason()
     assert why and "ninja" in why

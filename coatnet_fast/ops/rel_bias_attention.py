@@ -231,6 +231,9 @@ def _ext_reasons(q, k, v, table, window, scale) -> List[str]:
     dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
     if dtype not in ext.DTYPES:
         why.append(f"dtype {dtype} is not supported ({', '.join(str(t) for t in ext.DTYPES)})")
+    elif table.dtype not in (dtype, torch.float32):
+        # Autocast casts q, k, v but not the table: the kernels take it in their dtype or fp32.
+        why.append(f"a {table.dtype} table with {dtype} activations (under autocast) is not supported")
     return why
 
 
