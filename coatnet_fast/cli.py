@@ -1,4 +1,4 @@
-"""Command line: ``coatnet-fast info | verify | list | build-ext`` (also ``python -m coatnet_fast``)."""
+"""Command line: ``coatnet-fast train | bench | info | verify | list | build-ext`` (also ``python -m coatnet_fast``)."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="the model family with parameter counts")
     p.add_argument("--image-size", type=int, default=224)
     p.set_defaults(func=cmd_list)
+    from . import benchmark
+
+    p = sub.add_parser("bench", help="whole-model training and inference throughput (images/s, peak memory)",
+                       description=benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    benchmark.add_arguments(p).set_defaults(func=benchmark.main_from_args)
+    from . import train
+
+    p = sub.add_parser("train", help="train a model (default: the small digits model on embedded data)")
+    train.add_train_arguments(p).set_defaults(func=train.main_from_args)
     return parser
 
 

@@ -1,11 +1,35 @@
 """The benchmark scripts run (at a smoke size) and write what they promise; no timing is asserted."""
+import importlib.util
 import json
+import os
+import subprocess
 import sys
+import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_model  # noqa: E402
+
+from coatnet_fast import benchmark, cli  # noqa: E402
+from coatnet_fast.ops import dispatch  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests check what the benchmarks write, not speed: one thread keeps them quick and
+    light, also on a shared machine where two OpenMP threads would wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_bench_model_smoke(tmp_path):
@@ -16,6 +40,152 @@ def test_bench_model_smoke(tmp_path):
     modes = {(r["provider"], r["mode"]) for r in payload["results"]}
     assert modes == {("eager", "train"), ("eager", "infer")}
     assert all(r["images_per_s"] > 0 and r["speedup_vs_eager"] == 1.0 for r in payload["results"])
+    assert {r["model"] for r in payload["results"]} == {"coatnet_0", "coatnet_1"}
+
+
+def test_cli_bench_writes_json_chart_and_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--smoke", "--models", "coatnet_0", "--providers", "eager,backend:eager", "--out", str(out)]
+    assert cli.main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "model"
+    assert payload["env"]["torch"] == torch.__version__ and payload["env"]["device"] and payload["env"]["commit"]
+    config = payload["config"]
+    assert config["smoke"] and (config["batch"], config["image_size"], config["dtype"]) == (2, 64, "fp32")
+    assert config["models"] == "coatnet_0" and config["device"] in ("cpu", "cuda")
+    rows = {(r["model"], r["provider"], r["mode"]): r for r in payload["results"]}
+    assert set(rows) == {("coatnet_0", p, m) for p in ("eager", "backend:eager") for m in ("train", "infer")}
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["ms_per_step"] > 0 and r["first_call_s"] >= 0 and r["speedup_vs_eager"] > 0
+        assert ("peak_memory_gib" in r) == (config["device"] == "cuda")
+    assert rows[("coatnet_0", "backend:eager", "train")]["ops"] == dispatch.ops()
+    text = capsys.readouterr().out
+    assert "images/s" in text and "x eager" in text and "peak GiB" in text and f"wrote {out}" in text
+    assert any(line.split()[:3] == ["coatnet_0", "backend:eager", "infer"] for line in text.splitlines())
+    chart = out.with_suffix(".png")
+    if HAVE_MATPLOTLIB:
+        assert chart.read_bytes()[:8] == PNG_MAGIC
+    else:
+        assert "matplotlib is not installed" in text and not chart.exists()
+
+
+def test_bench_model_script_runs(tmp_path):
+    out = tmp_path / "script.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_model.py"), "--smoke", "--models", "coatnet_0",
+         "--providers", "eager", "--modes", "infer", "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [(r["provider"], r["mode"]) for r in json.loads(out.read_text())["results"]] == [("eager", "infer")]
+
+
+def test_failing_and_unknown_providers_are_recorded_and_exit_1(tmp_path, monkeypatch, capsys):
+    real_build = benchmark.build
+
+    def build(provider, model, settings):
+        if provider == "compile":
+            raise RuntimeError("boom")
+        return real_build(provider, model, settings)
+
+    monkeypatch.setattr(benchmark, "build", build)
+    out = tmp_path / "errors.json"
+    argv = ["bench", "--smoke", "--models", "coatnet_0", "--providers", "compile,nope,eager,backend:nope",
+            "--modes", "infer", "--out", str(out)]
+    assert cli.main(argv) == 1
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["compile", "nope", "eager", "backend:nope"]
+    assert rows["compile"]["error"] == "RuntimeError: boom"
+    assert "unknown provider 'nope'" in rows["nope"]["error"]
+    assert "unknown backend 'nope'" in rows["backend:nope"]["error"]
+    assert rows["eager"]["images_per_s"] > 0 and rows["eager"]["speedup_vs_eager"] == 1.0
+    text = capsys.readouterr().out
+    assert "errors:" in text and "coatnet_0 compile infer: RuntimeError: boom" in text
+
+
+def test_fused_expands_to_every_usable_backend_without_running_it(tmp_path, monkeypatch, capsys):
+    usable = [b for b in dispatch.BACKENDS
+              if b != "eager" and any(b in dispatch.usable_backends(op) for op in dispatch.ops())]
+    if dispatch.triton_available() is None:  # under pytest on a CPU: Triton's interpreter
+        assert "triton" in usable
+    assert benchmark.fused_backends() == usable
+    expected = ["eager"] + [f"backend:{b}" for b in usable] + [f"backend:{b}:compile" for b in usable] + ["compile"]
+    assert benchmark.expand_providers(["eager", "fused", "compile"], "coatnet_0", smoke=True) == (expected, [])
+
+    calls = []
+
+    def fake_measure(provider, model, mode, settings, device):
+        calls.append((model, provider, mode))
+        return {"model": model, "provider": provider, "mode": mode, "ms_per_step": 10.0,
+                "images_per_s": 200.0 if provider == "eager" else 300.0, "first_call_s": 0.0}
+
+    monkeypatch.setattr(benchmark, "measure", fake_measure)
+    out = tmp_path / "fused.json"
+    assert cli.main(["bench", "--providers", "eager,fused", "--modes", "train", "--out", str(out)]) == 0
+    assert calls == [(m, p, "train") for m in benchmark.DEFAULT_MODELS for p in expected[:-1]]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["speedup_vs_eager"] for r in rows] == [1.0 if r["provider"] == "eager" else 1.5 for r in rows]
+
+    # Nothing usable: fused adds nothing and says so.
+    monkeypatch.setattr(dispatch, "why_not", lambda op, backend, inputs=None: [] if backend == "eager" else ["off"])
+    providers, notes = benchmark.expand_providers(["eager", "fused"], "coatnet_0", smoke=True)
+    assert providers == ["eager"] and "no fused backend" in notes[0]
+
+
+def test_timm_provider_only_for_coatnet_0_at_a_real_size(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    assert benchmark.expand_providers(["eager", "timm"], "coatnet_0", smoke=False) == (["eager", "timm"], [])
+    for model, smoke in (("coatnet_1", False), ("coatnet_0", True)):
+        providers, notes = benchmark.expand_providers(["eager", "timm"], model, smoke=smoke)
+        assert providers == ["eager"] and len(notes) == 1 and notes[0].startswith("timm")
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    providers, notes = benchmark.expand_providers(["timm"], "coatnet_0", smoke=False)
+    assert providers == [] and "cannot be imported" in notes[0]
+
+
+def test_settings_smoke_on_cpu_unless_sizes_are_given(monkeypatch, tmp_path):
+    def settings(*argv):
+        return benchmark.resolve_settings(benchmark.build_parser().parse_args(["--device", "cpu", *argv]))
+
+    s = settings()
+    assert s["smoke"] and (s["batch"], s["image_size"], s["dtype"], s["warmup"], s["steps"]) == (2, 64, "fp32", 1, 2)
+    assert s["models"] == "coatnet_0,coatnet_1" and s["channels_last"] and s["modes"] == "train,infer"
+    s = settings("--full")
+    assert not s["smoke"]
+    assert (s["batch"], s["image_size"], s["dtype"], s["warmup"], s["steps"]) == (128, 224, "bf16", 5, 20)
+    s = settings("--batch", "4")
+    assert not s["smoke"] and (s["batch"], s["image_size"], s["dtype"]) == (4, 224, "bf16")
+    s = settings("--image-size", "96", "--batch", "2", "--dtype", "fp32", "--no-channels-last", "--model", "seed")
+    assert not s["smoke"]
+    assert (s["batch"], s["image_size"], s["dtype"], s["channels_last"], s["models"]) == (2, 96, "fp32", False, "seed")
+    s = settings("--smoke", "--batch", "3", "--steps", "5")
+    assert s["smoke"] and (s["batch"], s["steps"], s["image_size"]) == (3, 5, 64)
+    bad_arguments = (["--smoke", "--full"], ["--image-size", "100"], ["--models", "coatnet_9"], ["--modes", "fwd"],
+                     ["--batch", "0"])
+    for bad in bad_arguments:
+        with pytest.raises(SystemExit):
+            settings(*bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            benchmark.resolve_settings(benchmark.build_parser().parse_args(["--device", "cuda"]))
+
+    assert benchmark.default_out(torch.device("cpu")) == ROOT / "bench" / "results" / "model_cpu.json"
+    monkeypatch.setattr(benchmark, "_CHECKOUT", tmp_path)  # as if installed from a wheel
+    assert benchmark.default_out(torch.device("cuda")) == Path("coatnet_fast_bench") / "model_cuda.json"
+    monkeypatch.setenv("COATNET_FAST_COMMIT", "abc123")
+    assert benchmark.environment()["commit"] == "abc123"
+    monkeypatch.delenv("COATNET_FAST_COMMIT")
+    assert benchmark.commit() == "unknown"
+
+
+def test_chart_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    payload = {"config": {}, "env": {}, "results": [{"model": "coatnet_0", "provider": "eager", "mode": "train",
+                                                     "images_per_s": 1.0}]}
+    assert benchmark.write_chart(payload, tmp_path / "x.png") is None
+    assert capsys.readouterr().out.strip() == "matplotlib is not installed: no chart (pip install matplotlib)"
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_bench_dwconv_bn_gelu_smoke(tmp_path):
@@ -23,9 +193,11 @@ def test_bench_dwconv_bn_gelu_smoke(tmp_path):
 
     out = tmp_path / "dw.json"
     assert bench_dwconv_bn_gelu.main(["--smoke", "--modes", "eval", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"]
+    payload = json.loads(out.read_text())
+    rows = payload["results"]
     assert {r["provider"] for r in rows} >= {"eager"}
     assert all(r["correct"] for r in rows if "correct" in r)
+    assert payload["env"]["torch"] and payload["env"]["commit"]
 
 
 def test_bench_rel_bias_attention_smoke(tmp_path):

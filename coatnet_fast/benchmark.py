@@ -1,0 +1,530 @@
+"""Whole-model throughput: training step and inference, images/s and peak memory.
+
+``coatnet-fast bench`` (in a checkout also ``python bench/bench_model.py``) times, for each
+model in ``--models``, these providers:
+
+  eager                 the reference model on eager (the seed model, weight for weight)
+  compile               the same under torch.compile
+  timm                  timm's coatnet_0_rw_224 (CoAtNet-0 only; when timm can be imported)
+  fused                 backend:<b> and backend:<b>:compile for every fused backend usable here
+  backend:<b>[:compile] the reference model with the ops <b> has kernels for on <b>
+
+A training step is autocast forward, cross-entropy, backward and AdamW (fused on CUDA);
+inference is a forward under torch.inference_mode. On a GPU the default is the issue's
+setting (224x224, batch 128, bf16 autocast, channels_last); on a CPU it is a smoke size (tiny
+model, batch 2, 64x64, fp32) unless --full, --batch or --image-size is given. It prints a
+table and writes JSON (device, versions, commit, settings, one row per provider and mode) and a
+PNG bar chart of images/s beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from ._env import device_description, dist_version
+from .models import MODEL_CONFIGS, create_model, set_backend
+from .ops import dispatch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("train", "infer")
+DEFAULT_MODELS = ("coatnet_0", "coatnet_1")
+DEFAULT_PROVIDERS = "eager,compile,timm,fused"
+TIMM_MODEL = "coatnet_0_rw_224"
+TIMM_COUNTERPART = "coatnet_0"  # the one model of ours that timm's model corresponds to
+# The issue's setting, and the smoke size that only checks that everything runs.
+FULL = {"batch": 128, "image_size": 224, "dtype": "bf16", "warmup": 5, "steps": 20}
+SMOKE = {"batch": 2, "image_size": 64, "dtype": "fp32", "warmup": 1, "steps": 2}
+SMOKE_MODEL = {"num_blocks": (1, 1, 1, 1, 1), "channels": (16, 24, 32, 64, 96)}
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+class ProviderError(ValueError):
+    """A provider name that cannot be measured here (unknown, or nothing to run)."""
+
+
+# --- environment and files ------------------------------------------------------------------
+
+def checkout_root() -> Optional[Path]:
+    """The source checkout the package runs from (editable install or PYTHONPATH), else None."""
+    return _CHECKOUT if (_CHECKOUT / "bench" / "bench_model.py").is_file() else None
+
+
+def commit() -> str:
+    """$COATNET_FAST_COMMIT, else the checkout's git HEAD, else "unknown"."""
+    if os.environ.get("COATNET_FAST_COMMIT"):
+        return os.environ["COATNET_FAST_COMMIT"]
+    root = checkout_root()
+    if root is None:
+        return "unknown"
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=root, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """What every benchmark writes beside its numbers: device, versions, commit, time."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "coatnet_fast": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": dist_version("triton"),
+        "timm": dist_version("timm"),
+        "cuda": torch.version.cuda,
+        "device": device_description(),
+    }
+
+
+def write_json(path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def default_out(device: torch.device) -> Path:
+    """bench/results/model_<device>.json in a checkout, else ./coatnet_fast_bench/model_<device>.json."""
+    root = checkout_root()
+    folder = root / "bench" / "results" if root is not None else Path("coatnet_fast_bench")
+    return folder / f"model_{device.type}.json"
+
+
+# --- settings and providers -----------------------------------------------------------------
+
+def _comma_list(choices: Optional[Sequence[str]], what: str):
+    def parse(text: str) -> List[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"no {what} given")
+        bad = [s for s in items if choices is not None and s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0; got {value}")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = int(text)
+    if value < 32 or value % 32:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 32; got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark's options (shared by `coatnet-fast bench` and bench/bench_model.py)."""
+    p.add_argument("--models", "--model", dest="models", type=_comma_list(sorted(MODEL_CONFIGS), "model"),
+                   metavar="NAMES", help=f"comma list of models (default: {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--providers", default=DEFAULT_PROVIDERS, metavar="NAMES",
+                   help="comma list of eager, compile, timm, fused (every usable fused backend, eager and "
+                        f"compiled), backend:<name>[:compile] (default: {DEFAULT_PROVIDERS})")
+    p.add_argument("--modes", type=_comma_list(MODES, "mode"), default=list(MODES), metavar="MODES",
+                   help="comma list of train, infer (default: both)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true",
+                      help=f"tiny model, batch {SMOKE['batch']}, {SMOKE['image_size']}x{SMOKE['image_size']}, "
+                           f"{SMOKE['dtype']}, {SMOKE['warmup']} warm-up and {SMOKE['steps']} timed steps: checks "
+                           "that everything runs (the default on a CPU)")
+    size.add_argument("--full", action="store_true",
+                      help=f"the real models at the issue's size (batch {FULL['batch']}, "
+                           f"{FULL['image_size']}x{FULL['image_size']}, {FULL['dtype']}) even on a CPU "
+                           "(the default on a GPU)")
+    p.add_argument("--batch", type=_positive_int, help=f"batch size (default: {FULL['batch']}; smoke {SMOKE['batch']})")
+    p.add_argument("--image-size", type=_image_size,
+                   help=f"square image side, a multiple of 32 "
+                        f"(default: {FULL['image_size']}; smoke {SMOKE['image_size']})")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help=f"autocast dtype; fp32 runs without autocast "
+                        f"(default: {FULL['dtype']}; smoke {SMOKE['dtype']})")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep the model and input contiguous (default: channels_last)")
+    p.add_argument("--warmup", type=_non_negative_int,
+                   help=f"untimed steps after the first call "
+                        f"(default: {FULL['warmup']}; smoke {SMOKE['warmup']})")
+    p.add_argument("--steps", type=_positive_int, help=f"timed steps (default: {FULL['steps']}; smoke {SMOKE['steps']})")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--out", help="JSON path; the chart goes beside it as .png (default: bench/results/"
+                                 "model_<device>.json in a checkout, else ./coatnet_fast_bench/model_<device>.json)")
+    return p
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_arguments(p)
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    """The settings a run uses: the device's default size, with what the user gave on top.
+
+    On a CPU the default is the smoke size; --full, --batch or --image-size measure the real
+    models instead (sizes not given take the issue's values). --smoke forces the smoke size
+    anywhere; explicit values still win over its defaults.
+    """
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    explicit_size = args.batch is not None or args.image_size is not None
+    smoke = bool(args.smoke or (name == "cpu" and not args.full and not explicit_size))
+    base = SMOKE if smoke else FULL
+    pick = lambda key: getattr(args, key) if getattr(args, key) is not None else base[key]  # noqa: E731
+    return {
+        "models": ",".join(args.models or DEFAULT_MODELS),
+        "batch": pick("batch"),
+        "image_size": pick("image_size"),
+        "dtype": pick("dtype"),
+        "channels_last": args.channels_last,
+        "providers": args.providers,
+        "modes": ",".join(args.modes),
+        "warmup": pick("warmup"),
+        "steps": pick("steps"),
+        "smoke": smoke,
+        "device": name,
+    }
+
+
+def fused_backends() -> List[str]:
+    """The non-eager backends that can run at least one fused op here (nothing is built or run)."""
+    return [b for b in dispatch.BACKENDS
+            if b != "eager" and any(not dispatch.why_not(op, b) for op in dispatch.ops())]
+
+
+def _timm_skip_reason(model: str, smoke: bool) -> Optional[str]:
+    if model != TIMM_COUNTERPART:
+        return f"timm: {TIMM_MODEL} is CoAtNet-0; no timm provider for {model}"
+    if smoke:
+        return f"timm: {TIMM_MODEL} has no smoke size; skipped"
+    try:
+        import timm  # noqa: F401
+    except Exception as e:  # ImportError, or a timm that breaks on import (e.g. a torchvision mismatch)
+        return f"timm cannot be imported ({type(e).__name__}: {e}); skipping the timm provider"
+    return None
+
+
+def expand_providers(requested: Sequence[str], model: str, smoke: bool) -> Tuple[List[str], List[str]]:
+    """The providers to measure for ``model`` and notes on those skipped.
+
+    "fused" becomes backend:<b> for every usable fused backend, then backend:<b>:compile;
+    "timm" stays only for CoAtNet-0 at a real size when timm imports. Other names pass through
+    unchecked: a name that cannot be measured is recorded as an error when measured.
+    """
+    providers: List[str] = []
+    notes: List[str] = []
+    for name in requested:
+        if name == "fused":
+            usable = fused_backends()
+            if not usable:
+                notes.append("fused: no fused backend is usable here (`coatnet-fast info` says why)")
+            providers += [f"backend:{b}" for b in usable] + [f"backend:{b}:compile" for b in usable]
+        elif name == "timm":
+            why = _timm_skip_reason(model, smoke)
+            if why:
+                notes.append(why)
+            else:
+                providers.append(name)
+        else:
+            providers.append(name)
+    return list(dict.fromkeys(providers)), notes
+
+
+def parse_provider(provider: str) -> Tuple[str, Optional[str], bool]:
+    """(source, backend, compiled): source is "reference" or "timm"."""
+    if provider == "eager":
+        return "reference", None, False
+    if provider == "compile":
+        return "reference", None, True
+    if provider == "timm":
+        return "timm", None, False
+    parts = provider.split(":")
+    if parts[0] == "backend" and len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "compile"):
+        if parts[1] not in dispatch.BACKENDS:
+            raise ProviderError(f"unknown backend {parts[1]!r} in provider {provider!r}; backends: "
+                                f"{', '.join(dispatch.BACKENDS)}")
+        return "reference", parts[1], len(parts) == 3
+    raise ProviderError(f"unknown provider {provider!r}; choose eager, compile, timm, fused, "
+                        f"backend:<name> or backend:<name>:compile with name in {', '.join(dispatch.BACKENDS)}")
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+def build(provider: str, model: str, settings: dict) -> Tuple[torch.nn.Module, List[str]]:
+    """The module a provider times, and the fused ops it routes to its backend."""
+    source, backend, _ = parse_provider(provider)
+    if source == "timm":
+        import timm
+
+        size = settings["image_size"]
+        return timm.create_model(TIMM_MODEL, num_classes=1000, **({} if size == 224 else {"img_size": size})), []
+    kwargs = dict(image_size=settings["image_size"], num_classes=1000)
+    if settings["smoke"]:
+        kwargs.update(SMOKE_MODEL)
+    net = create_model(model, **kwargs)
+    if backend is None:
+        return net, []
+    # The ops this backend has kernels for; the others stay on eager.
+    ops = [op for op in dispatch.ops() if not dispatch.why_not(op, backend)]
+    if not ops:
+        why = "; ".join(f"{op}: {', '.join(dispatch.why_not(op, backend))}" for op in dispatch.ops())
+        raise ProviderError(f"backend {backend!r} can run none of the fused ops here ({why})")
+    set_backend(net, backend, ops)
+    return net, ops
+
+
+def timed(fn, device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per step: CUDA events on a GPU, wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def measure(provider: str, model: str, mode: str, settings: dict, device: torch.device) -> dict:
+    """One provider, one mode: ms per step, images/s, first-call seconds, peak GiB on CUDA."""
+    _, _, compiled = parse_provider(provider)
+    net, ops = build(provider, model, settings)
+    memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    net = net.to(device).to(memory_format=memory_format)
+    dtype = DTYPES[settings["dtype"]]
+    batch, size = settings["batch"], settings["image_size"]
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
+    target = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if compiled:
+        torch.compiler.reset()  # a fresh cache: honest first-call time, no recompile limit across providers
+    runner = torch.compile(net) if compiled else net
+
+    if mode == "train":
+        net.train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+
+        def step():
+            with autocast:
+                loss = F.cross_entropy(runner(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        net.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                runner(x)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()  # first call: compile time for compiled providers
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    seconds = timed(step, device, settings["warmup"], settings["steps"])
+    result = {
+        "model": model, "provider": provider, "mode": mode, "ms_per_step": seconds * 1e3,
+        "images_per_s": batch / seconds, "first_call_s": first,
+    }
+    if ops:
+        result["ops"] = ops
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def add_speedups(results: List[dict]) -> None:
+    """speedup_vs_eager: images/s over the eager reference's, same model and mode."""
+    base = {(r.get("model"), r["mode"]): r["images_per_s"] for r in results
+            if r["provider"] == "eager" and "images_per_s" in r}
+    for r in results:
+        key = (r.get("model"), r.get("mode"))
+        if key in base and "images_per_s" in r:
+            r["speedup_vs_eager"] = r["images_per_s"] / base[key]
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def format_table(results: List[dict]) -> str:
+    """Model, provider, mode, images/s, ms/step, peak GiB, x eager; errors listed below."""
+    def num(r, key, fmt):
+        return format(r[key], fmt) if key in r else "-"
+
+    header = ("model", "provider", "mode", "images/s", "ms/step", "peak GiB", "x eager")
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append((r["model"], r["provider"], r["mode"], "error", "-", "-", "-"))
+        else:
+            rows.append((r["model"], r["provider"], r["mode"], num(r, "images_per_s", ",.1f"),
+                         num(r, "ms_per_step", ".2f"), num(r, "peak_memory_gib", ".2f"),
+                         num(r, "speedup_vs_eager", ".2f")))
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    right = {3, 4, 5, 6}
+
+    def line(row):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    out = [line(header), line(tuple("-" * w for w in widths))] + [line(row) for row in rows]
+    errors = [r for r in results if "error" in r]
+    if errors:
+        out.append("errors:")
+        out += [f"  {r['model']} {r['provider']} {r['mode']}: {r['error'].splitlines()[0]}" for r in errors]
+    return "\n".join(out)
+
+
+def write_chart(payload: dict, path) -> Optional[Path]:
+    """A PNG bar chart of images/s: one panel per mode, models along x, one bar per provider.
+
+    Returns the path, or None (with a one-line note) when matplotlib is missing or nothing ran.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+        return None
+    rows = [r for r in payload["results"] if "images_per_s" in r]
+    if not rows:
+        print("no provider ran: no chart")
+        return None
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    value = {(r["model"], r["mode"], r["provider"]): r["images_per_s"] for r in rows}
+    width = 0.8 / len(providers)
+    fig = Figure(figsize=(2.0 + max(3.0, len(models) * len(providers) * 0.55) * len(modes), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    colors = [f"C{i % 10}" for i in range(len(providers))]
+    for ax, mode in zip(axes, modes):
+        for i, provider in enumerate(providers):
+            xs = [m for m, model in enumerate(models) if (model, mode, provider) in value]
+            ys = [value[(models[m], mode, provider)] for m in xs]
+            if not xs:
+                continue
+            bars = ax.bar([m - 0.4 + width * (i + 0.5) for m in xs], ys, width, label=provider, color=colors[i])
+            ax.bar_label(bars, labels=[f"{y:,.0f}" if y >= 100 else f"{y:.3g}" for y in ys], fontsize=7)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models)
+        ax.set_title(mode)
+        ax.set_ylabel("images/s")
+        ax.margins(y=0.12)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    cfg, env = payload["config"], payload["env"]
+    size = "smoke size, " if cfg["smoke"] else ""
+    fig.suptitle(f"{env['device']}: {size}batch {cfg['batch']}, {cfg['image_size']}x{cfg['image_size']}, "
+                 f"{cfg['dtype']}{', channels_last' if cfg['channels_last'] else ''}", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+def run(settings: dict, out: Path) -> dict:
+    """Measure every model x provider x mode, writing the JSON after each row; returns the payload."""
+    device = torch.device(settings["device"])
+    requested = [s.strip() for s in settings["providers"].split(",") if s.strip()]
+    payload = {"benchmark": "model", "env": environment(), "config": settings, "notes": [], "results": []}
+    for model in settings["models"].split(","):
+        providers, notes = expand_providers(requested, model, settings["smoke"])
+        for note in notes:
+            if note not in payload["notes"]:
+                payload["notes"].append(note)
+                print(note, flush=True)
+        for provider in providers:
+            for mode in settings["modes"].split(","):
+                try:
+                    r = measure(provider, model, mode, settings, device)
+                except ProviderError as e:
+                    r = {"model": model, "provider": provider, "mode": mode, "error": f"{type(e).__name__}: {e}"[:500]}
+                except Exception as e:  # one broken provider must not hide the others' numbers
+                    traceback.print_exc()
+                    r = {"model": model, "provider": provider, "mode": mode, "error": f"{type(e).__name__}: {e}"[:500]}
+                payload["results"].append(r)
+                write_json(out, payload)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+                if provider == "compile" or provider.endswith(":compile"):
+                    torch.compiler.reset()  # drop the compiled graphs and what they hold
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    add_speedups(payload["results"])
+    write_json(out, payload)
+    return payload
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Run with parsed arguments; 0 when every provider ran, 1 when any recorded an error."""
+    settings = resolve_settings(args)
+    out = Path(args.out) if args.out else default_out(torch.device(settings["device"]))
+    print(f"benchmarking {settings['models']} on {settings['device']} ({device_description()}): "
+          f"{'smoke size, ' if settings['smoke'] else ''}batch {settings['batch']}, "
+          f"{settings['image_size']}x{settings['image_size']}, {settings['dtype']}"
+          f"{', channels_last' if settings['channels_last'] else ''}", flush=True)
+    payload = run(settings, out)
+    print()
+    print(format_table(payload["results"]) if payload["results"] else "no provider to measure")
+    print(f"wrote {out}")
+    chart = write_chart(payload, out.with_suffix(".png"))
+    if chart is not None:
+        print(f"wrote {chart}")
+    return 1 if any("error" in r for r in payload["results"]) else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return main_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
