@@ -181,3 +181,33 @@ def test_triton_declines_cpu_tensors_without_the_interpreter(monkeypatch):
     # "auto" then runs eager, and says nothing
     out = rel_bias_attention(q, q, q, torch.randn(9, 1), (2, 2), backend="auto")
     assert out.shape == q.shape
+
+
+def test_sync_batchnorm_across_processes_runs_the_modules(monkeypatch):
+    """A SyncBatchNorm training across processes takes statistics over all of them, which the
+    fused kernels do not: the depthwise block then runs its modules; otherwise the op runs."""
+    import torch.distributed as dist
+
+    block = torch.nn.SyncBatchNorm.convert_sync_batchnorm(DWConvBNGELU(4))
+    assert isinstance(block, DWConvBNGELU) and isinstance(block[1], torch.nn.SyncBatchNorm)
+    calls = []
+    entry = dispatch._TABLE["dwconv_bn_gelu"]["eager"]
+    monkeypatch.setitem(dispatch._TABLE["dwconv_bn_gelu"], "eager", dispatch.OpBackend(
+        entry.op, "eager", lambda *a, **k: calls.append("op") or entry.impl(*a, **k), entry.available, entry.reasons))
+    # SyncBatchNorm's own forward needs a process group; BatchNorm2d's stands in, recorded.
+    monkeypatch.setattr(torch.nn.SyncBatchNorm, "forward",
+                        lambda self, x: calls.append("sync") or torch.nn.BatchNorm2d.forward(self, x))
+    x = torch.randn(2, 4, 6, 6)
+    block(x)
+    assert calls == ["op"]  # one process: the fused op
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    calls.clear()
+    y = block(x)
+    y_pooled, squeezed = block.forward_pooled(x)
+    assert calls == ["sync", "sync"]
+    assert torch.allclose(squeezed, y_pooled.mean(dim=(2, 3))) and y.shape == y_pooled.shape
+    calls.clear()
+    block.eval()
+    block(x)
+    assert calls == ["op"]  # inference uses running statistics: the fused op again

@@ -68,9 +68,11 @@ def test_kernel_sources_include_no_torch_header(path):
 
 @pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
 def test_cu_compiles_for_sm90(path, tmp_path):
+    """With the flags torch's extension builder adds (no implicit half/bf16 conversions)."""
     nvcc = find_nvcc()
+    flags = torch.utils.cpp_extension.COMMON_NVCC_FLAGS
     done = subprocess.run(
-        [nvcc, "-std=c++17", "-arch=sm_90", "-O2", "-c", str(path), "-o", str(tmp_path / "x.o")],
+        [nvcc, "-std=c++17", "-arch=sm_90", "-O2", *flags, "-c", str(path), "-o", str(tmp_path / "x.o")],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"nvcc failed on {path.name}:\n{done.stderr[-6000:]}"
 

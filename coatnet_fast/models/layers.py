@@ -52,12 +52,25 @@ class DWConvBNGELU(nn.Sequential, FusedOpModule):
         return params, dict(training=bn.training, momentum=factor, eps=bn.eps, stride=conv.stride[0],
                             backend=self.backend)
 
+    def _cross_process_statistics(self) -> bool:
+        """A SyncBatchNorm (``convert_sync_batchnorm``, ``train --sync-bn``) training across
+        processes takes its statistics over all of them; the fused kernels take them per
+        process, so such steps run the modules themselves."""
+        bn = self[1]
+        return (isinstance(bn, nn.SyncBatchNorm) and bn.training and torch.distributed.is_available()
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cross_process_statistics():
+            return nn.Sequential.forward(self, x)
         params, kwargs = self._op_args()
         return dwconv_bn_gelu(x, *params, **kwargs)
 
     def forward_pooled(self, x: torch.Tensor):
         """The output and its per-image channel mean (SE's squeeze), from one fused pass."""
+        if self._cross_process_statistics():
+            y = nn.Sequential.forward(self, x)
+            return y, y.mean(dim=(2, 3), dtype=torch.float32)
         params, kwargs = self._op_args()
         return dwconv_bn_gelu_pool(x, *params, **kwargs)
 
