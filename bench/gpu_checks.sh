@@ -1,33 +1,51 @@
 #!/usr/bin/env bash
-# Everything one lent GPU session runs, in one call, results under $OUT:
-#   install from the checkout, build the C++/CUDA extension, info, verify, the test suite (CPU and CUDA), the attention and
-#   depthwise-conv benchmarks, the model benchmark. Each stage has its own time limit, so a slow one cannot
-#   starve the rest; narrow them with the *_ARGS variables.
-# Usage (device tool): COATNET_FAST_COMMIT=<sha> bash bench/gpu_checks.sh
-# The defaults fit one 15-minute device session with room for the machine's start (about
-# 12 minutes at most); each stage writes its results as it goes, so a cut-off stage still
-# leaves the earlier ones under $OUT.
+# What a lent GPU session runs, results under $OUT, in stages:
+#   setup   nvidia-smi, install from the checkout, build the C++/CUDA extension, info, verify
+#   test    the test suite's CUDA cases
+#   ops     the attention and depthwise-conv benchmarks
+#   model   the whole-model benchmark
+#   train   a short `coatnet-fast train` on the GPU defaults (bf16, channels_last)
+# Usage (device tool): COATNET_FAST_COMMIT=<sha> STAGES="setup test" bash bench/gpu_checks.sh
+# STAGES defaults to all of them. One device call may run 600 s at most, so a session runs
+# two calls, e.g. STAGES="setup test" then STAGES="ops model train"; the extension's build
+# cache sits in the checkout (.ext_cache/, git-ignored), which the device keeps between calls.
+# Each stage has its own time limit and writes its results as it goes, so a cut-off stage
+# still leaves the earlier ones under $OUT; narrow them with the *_ARGS variables.
 set -uo pipefail
 OUT=${OUT:-/tmp/coatnet_fast_out}
 mkdir -p "$OUT"
+STAGES=${STAGES:-setup test ops model train}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export COATNET_FAST_COMMIT=${COATNET_FAST_COMMIT:-unknown}
+export MAX_JOBS=${MAX_JOBS:-16} COATNET_FAST_EXT_DIR=${COATNET_FAST_EXT_DIR:-$PWD/.ext_cache} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 status=0
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || echo "editable install failed (see install.txt); running from PYTHONPATH"
-# The extension (CPU + CUDA parts) before anything uses it, so its build time and any compiler
-# error land in their own log instead of inside a test's time limit.
-export MAX_JOBS=${MAX_JOBS:-16} COATNET_FAST_EXT_DIR=${COATNET_FAST_EXT_DIR:-$OUT/../coatnet_fast_ext_cache} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-{ time timeout "${EXT_TIMEOUT:-300}" python3 -m coatnet_fast build-ext --verbose; } > "$OUT/build_ext.txt" 2>&1 || { status=1; tail -60 "$OUT/build_ext.txt"; }
-grep -A12 "^built " "$OUT/build_ext.txt"
-{ python3 -m coatnet_fast info && python3 -m coatnet_fast verify; } 2>&1 | tee "$OUT/verify.txt" || status=1
-# CI runs the CPU tests; here, the CUDA cases and the tests that pick the GPU themselves.
-if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a pytest_args <<< "$PYTEST_ARGS"
-else pytest_args=(tests -k "cuda or offsets_past or strided_views or squeeze"); fi
-timeout "${PYTEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
-timeout "${ATTN_TIMEOUT:-200}" python3 bench/bench_rel_bias_attention.py ${ATTN_ARGS:---models coatnet_0 --dtypes bf16} --out "$OUT/rel_bias_attention_gpu.json" > "$OUT/bench_attention.txt" 2>&1 || status=1
-grep -E "^\{" "$OUT/bench_attention.txt" | cut -c1-260
-timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:-} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
-grep -E "^\{" "$OUT/bench_dwconv.txt" | cut -c1-260
-timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,fused --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if stage setup; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
+  python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 || echo "editable install failed (see install.txt); running from PYTHONPATH"
+  # The extension (CPU + CUDA parts) before anything uses it, so its build time and any
+  # compiler error land in their own log instead of inside a test's time limit.
+  { time timeout "${EXT_TIMEOUT:-240}" python3 -m coatnet_fast build-ext --verbose; } > "$OUT/build_ext.txt" 2>&1 || { status=1; tail -60 "$OUT/build_ext.txt"; }
+  grep -A12 "^built " "$OUT/build_ext.txt"
+  { python3 -m coatnet_fast info && python3 -m coatnet_fast verify; } 2>&1 | tee "$OUT/verify.txt" || status=1
+fi
+if stage test; then
+  # CI runs the CPU tests; here, the CUDA cases and the tests that pick the GPU themselves.
+  if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a pytest_args <<< "$PYTEST_ARGS"
+  else pytest_args=(tests -k "cuda or offsets_past or strided_views or squeeze"); fi
+  timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
+fi
+if stage ops; then
+  timeout "${ATTN_TIMEOUT:-200}" python3 bench/bench_rel_bias_attention.py ${ATTN_ARGS:---models coatnet_0 --dtypes bf16} --out "$OUT/rel_bias_attention_gpu.json" > "$OUT/bench_attention.txt" 2>&1 || status=1
+  grep -E "^\{" "$OUT/bench_attention.txt" | cut -c1-260
+  timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:-} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
+  grep -E "^\{" "$OUT/bench_dwconv.txt" | cut -c1-260
+fi
+if stage model; then
+  timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,fused --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
+fi
+if stage train; then
+  timeout "${TRAIN_TIMEOUT:-90}" python3 -m coatnet_fast train ${TRAIN_ARGS:---epochs 5 --backend auto --no-progress} --out "$OUT/train_digits" 2>&1 | tee "$OUT/train.txt" | tail -5 || status=1
+fi
 exit $status
