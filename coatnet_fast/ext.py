@@ -123,6 +123,11 @@ def with_cuda() -> bool:
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation type ("acc" in csrc/): float64 for float64 data, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def device_reasons(t: torch.Tensor) -> List[str]:
     """The extension runs CPU tensors, and CUDA tensors when built with its CUDA kernels."""
     if t.device.type == "cpu":

@@ -712,11 +712,12 @@ def _train(config: TrainConfig, device: torch.device, dd: _Dist) -> TrainResult:
             # BatchNorm running statistics drift apart between processes; evaluate and save rank 0's.
             for buf in raw_model.buffers():
                 dist.broadcast(buf, 0)
-        train_loss = totals[0].item() / max(totals[2].item(), 1)
-        train_acc = totals[1].item() / max(totals[2].item(), 1)
+        loss_total, correct_total, seen_total = totals.tolist()  # one device sync per epoch
+        train_loss = loss_total / max(seen_total, 1)
+        train_acc = correct_total / max(seen_total, 1)
         val_loss, val_acc = evaluate(raw_model, val_loader, device, autocast_dtype, channels_last, dd)
         record = dict(epoch=epoch + 1, step=global_step, train_loss=train_loss, train_acc=train_acc,
-                      val_loss=val_loss, val_acc=val_acc, lr=lr, images_per_s=totals[2].item() / seconds,
+                      val_loss=val_loss, val_acc=val_acc, lr=lr, images_per_s=seen_total / seconds,
                       seconds=seconds)
         metrics.append(record)
         progress.end(f"epoch {epoch + 1}/{config.epochs} train loss {train_loss:.4f} acc {train_acc * 100:.2f}% | "

@@ -160,7 +160,7 @@ def _normalisation(stats, x, weight, running_mean, running_var, training, moment
     """(mean, rstd) to normalise with; in training, batch statistics from ``stats``, and the
     running ones updated."""
     if not training:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = ext.acc_dtype(x.dtype)
         return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
     mean, var = stats(x.detach(), weight.detach(), stride)
     batch, _, ho, wo = _out_shape(x, stride)
@@ -197,12 +197,12 @@ dispatch.register(OP, "triton", dwconv_bn_gelu_triton, available=dispatch.triton
 # added here once the library is loaded.
 
 def _ext_fake_stats(x, weight, stride):
-    stats = x.new_empty((x.shape[1],), dtype=_acc_dtype(x))
+    stats = x.new_empty((x.shape[1],), dtype=ext.acc_dtype(x.dtype))
     return stats, torch.empty_like(stats)
 
 
 def _ext_fake_apply(x, weight, scale, shift, stride, pool):
-    sums = x.new_empty((x.shape[0], x.shape[1]) if pool else (0,), dtype=_acc_dtype(x))
+    sums = x.new_empty((x.shape[0], x.shape[1]) if pool else (0,), dtype=ext.acc_dtype(x.dtype))
     return _out_like(x, _out_shape(x, stride)), sums
 
 
@@ -220,10 +220,6 @@ def _ext_backward(ctx, dy, dsums):
     dx, dweight, dgamma, dbeta = torch.ops.coatnet_fast_ext.dwconv_bn_gelu_backward(
         dy, dsums if ctx.pool else None, x, weight, bn_weight, bn_bias, mean, rstd, ctx.stride, ctx.training)
     return dx, dweight, dgamma, dbeta, None, None, None, None, None
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _register_ext_python_parts() -> None:

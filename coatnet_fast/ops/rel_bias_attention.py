@@ -188,7 +188,7 @@ dispatch.register(OP, "triton", rel_bias_attention_triton, available=dispatch.tr
 
 def _ext_fake_forward(q, k, v, table, height, width, scale):
     batch, heads, n, d = q.shape
-    return q.new_empty((batch, heads, n, d)), q.new_empty((batch, heads, n), dtype=_acc_dtype(q.dtype))
+    return q.new_empty((batch, heads, n, d)), q.new_empty((batch, heads, n), dtype=ext.acc_dtype(q.dtype))
 
 
 def _ext_fake_backward(do, q, k, v, table, o, lse, height, width, scale):
@@ -201,10 +201,6 @@ def _ext_backward(ctx, do, _dlse):
     dq, dk, dv, dtable = torch.ops.coatnet_fast_ext.rel_bias_attention_backward(
         do, q, k, v, table, o, lse, ctx.window[0], ctx.window[1], ctx.scale)
     return dq, dk, dv, dtable, None, None, None
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _register_ext_python_parts() -> None:
