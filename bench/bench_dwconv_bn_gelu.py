@@ -36,7 +36,8 @@ def eager_op(x, w, g, b, rm, rv, training):
     return F.gelu(F.batch_norm(y, rm, rv, g, b, training, 0.1, 1e-5))
 
 
-def providers(device):
+def providers(device, tiles=()):
+    """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (see ``use_tiles``)."""
     fns = {"eager": eager_op}
     if device.type == "cuda":
         fns["compile"] = torch.compile(eager_op)
@@ -44,7 +45,18 @@ def providers(device):
         if backend != "eager" and not dispatch.why_not("dwconv_bn_gelu", backend):
             fns[backend] = (lambda x, w, g, b, rm, rv, training, _b=backend:
                             dwconv_bn_gelu(x, w, g, b, rm, rv, training=training, backend=_b))
+    if "triton" in fns:
+        for t in tiles:
+            fns[f"triton@{t}"] = fns["triton"]
     return fns
+
+
+def use_tiles(provider: str) -> None:
+    """Force the Triton kernels' (BLOCK_P, BLOCK_C, num_warps) for ``triton@PxCxW``, else the
+    launcher's own choice; set for the whole timed step, backward included."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    kernels.FORCED_TILES = tuple(int(v) for v in provider.split("@")[1].split("x")) if "@" in provider else None
 
 
 def make_inputs(batch, channels, height, width, dtype, device, seed=0):
@@ -64,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--modes", default="train,eval")
+    p.add_argument("--tiles", default="", help="also time the triton backend at these tiles, e.g. 16x64x4,32x64x8 "
+                   "(BLOCK_P x BLOCK_C x num_warps)")
     p.add_argument("--smoke", action="store_true", help="batch 2, 8x8, 16 channels, fp32")
     p.add_argument("--out", help="JSON path (default: bench/results/dwconv_bn_gelu_<device>.json)")
     args = p.parse_args(argv)
@@ -92,7 +106,8 @@ def main(argv=None) -> int:
             ref = (ref_out,) + torch.autograd.grad(ref_out, ref_in, grad_out.float())
             tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
             rows = []
-            for name, fn in providers(device).items():
+            for name, fn in providers(device, [t for t in args.tiles.split(",") if t]).items():
+                use_tiles(name)
                 try:
                     run_stats = [t.clone() for t in pristine]
                     out = fn(x, *params, *run_stats, training)
@@ -122,6 +137,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # a provider that cannot run is reported, not fatal
                     traceback.print_exc()
                     rows.append({"provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
+            use_tiles("")
             for which in ("fwd", "fwd+bwd"):
                 timed = [r for r in rows if r.get("pass") == which and r["correct"]]
                 base = {r["provider"]: r["ms"] for r in timed}
@@ -132,7 +148,7 @@ def main(argv=None) -> int:
                         r["speedup_vs_compile"] = base["compile"] / r["ms"]
             for r in rows:
                 r.update(shape=label, batch=args.batch, dtype=args.dtype, layout="channels_last")
-                failed |= r.get("correct") is False and r["provider"] in dispatch.BACKENDS
+                failed |= r.get("correct") is False and r["provider"].split("@")[0] in dispatch.BACKENDS
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "rel_errors"},
                       flush=True)
             payload["results"] += rows

@@ -2,7 +2,7 @@
 # What a lent GPU session runs, results under $OUT, in stages:
 #   setup   nvidia-smi, install from the checkout, build the C++/CUDA extension, info, verify
 #   test    the test suite's CUDA cases
-#   ops     the attention and depthwise-conv benchmarks
+#   ops     the attention and depthwise-conv benchmarks, and a profile of their kernels
 #   model   the whole-model benchmark
 #   train   a short `coatnet-fast train` on the GPU defaults (bf16, channels_last)
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> STAGES="setup test" bash bench/gpu_checks.sh
@@ -41,6 +41,8 @@ if stage ops; then
   grep -E "^\{" "$OUT/bench_attention.txt" | cut -c1-260
   timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:-} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
   grep -E "^\{" "$OUT/bench_dwconv.txt" | cut -c1-260
+  # Kernel time against host time per step, and each kernel's share: what to optimise next.
+  timeout "${PROFILE_TIMEOUT:-120}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1
 fi
 if stage model; then
   timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,fused --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1

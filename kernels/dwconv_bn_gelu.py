@@ -1,9 +1,11 @@
 """Triton kernels for 3x3 depthwise conv (padding 1) + BatchNorm + exact GELU, and their launchers.
 
 Every kernel runs one program per (image, channel block) that walks the image in chunks of
-BLOCK_P output positions, recomputing the conv from x (nothing but x is kept between passes).
-Per-channel reductions therefore finish inside one program per image, in a fixed order:
-results are deterministic and need no atomics, and partials are [B, C], not per tile.
+BLOCK_P positions (output positions; input positions for ``_bwd_dx``), recomputing the conv
+from x (nothing but x is kept between passes, and dz between the last two backward ones).
+Per-channel reductions therefore finish inside one program per image, in a fixed order: results
+are deterministic and need no atomics, and partials are per image ([B, C]; [B, C, 9] for
+d(weight)), not per tile.
 
 - ``_stats`` (training, pass 1): per-image channel mean and M2 of the conv output, merged over
   chunks with Chan's formula (exact in fp32 for a channel with mean 1e3 and std 1).
@@ -11,10 +13,16 @@ results are deterministic and need no atomics, and partials are [B, C], not per 
   the BatchNorm is folded into the weights and a shift by the launcher. Optionally the
   per-image channel sums of the output (the SE block's average pool) in the same pass.
 - ``_bwd_reduce``: recompute, then per-image sums of du and du * xhat (d(beta), d(gamma)).
-- ``_bwd_dz``: recompute, then the gradient at the conv output (BatchNorm's training or eval
-  backward); dx and d(weight) follow from it by the depthwise conv's own backward.
+- ``_bwd_dz``: recompute, then dz, the gradient at the conv output (BatchNorm's training or eval
+  backward), and in the same pass d(weight)'s per-image partials: for each tap, the sum of fp32
+  dz times the x value under that tap (the x tiles are reloaded, cache hits, rather than held).
+- ``_bwd_dx``: dx, the transposed depthwise conv of dz; with stride 2 only the taps whose
+  parity matches an input position reach it.
 """
 from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -25,6 +33,19 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
+def _x_tap(X, b, ho, wo, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+           ky, kx, STRIDE: tl.constexpr):
+    """x under tap (ky, kx) of output positions (ho, wo), channels offs_c, fp32; 0 in the padding."""
+    hi = ho * STRIDE - 1 + ky
+    wi = wo * STRIDE - 1 + kx
+    ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    # A 64-bit image base plus 32-bit offsets within the image (the launchers check they fit): a
+    # [BLOCK_P, BLOCK_C] tile of 64-bit offsets per tap costs registers the compiler spills.
+    ptrs = (X + b * sx_b) + (offs_c[None, :] * sx_c + (hi * sx_h + wi * sx_w)[:, None])
+    return tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok,
                sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, H, W, WO,
                STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -32,15 +53,11 @@ def _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok,
     ho = offs_p // WO
     wo = offs_p % WO
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-    base = X + b * sx_b + offs_c[None, :] * sx_c
     for ky in tl.static_range(3):
-        hi = ho * STRIDE - 1 + ky
         for kx in tl.static_range(3):
-            wi = wo * STRIDE - 1 + kx
-            ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            xv = tl.load(base + hi[:, None] * sx_h + wi[:, None] * sx_w, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            xv = _x_tap(X, b, ho, wo, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, ky, kx, STRIDE)
             wv = tl.load(WT + offs_c * sw_c + ky * sw_h + kx * sw_w, mask=c_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            acc += xv * wv.to(tl.float32)[None, :]
     return acc
 
 
@@ -98,7 +115,7 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
         ok = p_ok[:, None] & c_ok[None, :]
         ho = offs_p // WO
         wo = offs_p % WO
-        tl.store(Y + b * sy_b + offs_c[None, :] * sy_c + ho[:, None] * sy_h + wo[:, None] * sy_w,
+        tl.store((Y + b * sy_b) + (offs_c[None, :] * sy_c + (ho * sy_h + wo * sy_w)[:, None]),
                  y.to(Y.dtype.element_ty), mask=ok)
         if HAS_POOL:
             pool += tl.sum(tl.where(ok, y, 0.0), 0)
@@ -123,7 +140,7 @@ def _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c,
     ok = p_ok[:, None] & c_ok[None, :]
     ho = offs_p // WO
     wo = offs_p % WO
-    dy = tl.load(DY + b * sdy_b + offs_c[None, :] * sdy_c + ho[:, None] * sdy_h + wo[:, None] * sdy_w,
+    dy = tl.load((DY + b * sdy_b) + (offs_c[None, :] * sdy_c + (ho * sdy_h + wo * sdy_w)[:, None]),
                  mask=ok, other=0.0).to(tl.float32)
     if HAS_DPOOL:  # the SE pool's gradient reaches every position of its image equally
         dy += tl.load(DPOOL + b * C + offs_c, mask=c_ok, other=0.0)[None, :] * inv_p
@@ -155,7 +172,7 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
 
 
 @triton.jit
-def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
+def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ, DW_PARTIAL,
             sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w, sz_b, sz_c, sz_h, sz_w,
             C, H, W, WO, P, inv_p, inv_count,
             STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
@@ -166,6 +183,10 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
     if TRAINING:
         mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
         mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
+    # d(weight) partials, row ky * 3 + kx per tap (16 rows: a power of two, 9 used): each chunk's
+    # tap sums reduce over positions at once, so no [BLOCK_P, BLOCK_C] accumulator per tap.
+    taps = tl.arange(0, 16)
+    dw = tl.zeros([16, BLOCK_C], tl.float32)
     for start in range(0, P, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
@@ -174,20 +195,90 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
                                          C, H, W, WO, inv_p, STRIDE, HAS_DPOOL, BLOCK_P, BLOCK_C)
         if TRAINING:  # batch statistics depend on every input: BatchNorm's training backward
             du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
-        dz = du * (gamma * rstd)[None, :]
+        ok = p_ok[:, None] & c_ok[None, :]
+        dz = tl.where(ok, du * (gamma * rstd)[None, :], 0.0)  # the training correction fills masked rows
         ho = offs_p // WO
         wo = offs_p % WO
-        tl.store(DZ + b * sz_b + offs_c[None, :] * sz_c + ho[:, None] * sz_h + wo[:, None] * sz_w,
-                 dz.to(DZ.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+        tl.store((DZ + b * sz_b) + (offs_c[None, :] * sz_c + (ho * sz_h + wo * sz_w)[:, None]),
+                 dz.to(DZ.dtype.element_ty), mask=ok)
+        # A runtime loop, not an unrolled one: unrolled, the compiler hoists all nine x tiles at once
+        # and spills (ptxas, sm_90); the reloads are cache hits, so their serial latency is cheap.
+        for t in range(9):
+            xv = _x_tap(X, b, ho, wo, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, t // 3, t % 3, STRIDE)
+            dw += tl.where(taps[:, None] == t, tl.sum(dz * xv, 0)[None, :], 0.0)
+    tl.store(DW_PARTIAL + (b * C + offs_c[None, :]) * 9 + taps[:, None], dw, mask=(taps[:, None] < 9) & c_ok[None, :])
+
+
+@triton.jit
+def _bwd_dx(DZ, WT, DX, sz_b, sz_c, sz_h, sz_w, sw_c, sw_h, sw_w, sdx_b, sdx_c, sdx_h, sdx_w,
+            C, H, W, HO, WO,
+            STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    # 64-bit image bases, 32-bit offsets within an image (dz and dx are the launcher's own tensors,
+    # far under 2**31 elements an image): 64-bit offset tiles for every tap spilled at BLOCK_C 64.
+    dz_image = DZ + b * sz_b
+    dx_image = DX + b * sdx_b
+    for start in range(0, H * W, BLOCK_P):
+        offs_p = start + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < H * W
+        hi = offs_p // W
+        wi = offs_p % W
+        acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for ky in tl.static_range(3):
+            # ho: the output row whose tap ky lands on hi. Rows with hn < 0 are masked off, so that
+            # compiled (truncating) and interpreted (flooring) division differ there is harmless.
+            hn = hi + 1 - ky
+            ho = hn // STRIDE
+            h_ok = p_ok & (hn >= 0) & (ho < HO)
+            if STRIDE == 2:
+                h_ok = h_ok & (hn % 2 == 0)
+            for kx in tl.static_range(3):
+                wn = wi + 1 - kx
+                wo = wn // STRIDE
+                ok = h_ok & (wn >= 0) & (wo < WO)
+                if STRIDE == 2:
+                    ok = ok & (wn % 2 == 0)
+                dz = tl.load(dz_image + (offs_c[None, :] * sz_c + (ho * sz_h + wo * sz_w)[:, None]),
+                             mask=ok[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(WT + offs_c * sw_c + ky * sw_h + kx * sw_w, mask=c_ok, other=0.0)
+                acc += dz.to(tl.float32) * wv.to(tl.float32)[None, :]
+        tl.store(dx_image + (offs_c[None, :] * sdx_c + (hi * sdx_h + wi * sdx_w)[:, None]),
+                 acc.to(DX.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+# (BLOCK_P, BLOCK_C, num_warps) for every launch when set (benchmarks sweep it; tests try several).
+FORCED_TILES: Optional[Tuple[int, int, int]] = None
 
 
 def _blocks(x: torch.Tensor, channels: int):
     """(BLOCK_P, BLOCK_C, num_warps). channels_last reads channels contiguously, so its tiles are
-    wide in C; NCHW reads rows contiguously, so its tiles are long in P."""
+    wide in C; NCHW reads rows contiguously, so its tiles are long in P. Eight tile elements a
+    thread: with sixteen (64x64 or 128x16 at 4 warps) ptxas (sm_90) gave every kernel 235-255
+    registers and spilled up to 1.6 KB a thread, since the nine tap loads are all kept in flight;
+    at eight no kernel spills and none needs more than 170 registers. The CPU interpreter runs
+    programs one by one at a cost per chunk, whatever its size, so it gets the larger tiles."""
+    if FORCED_TILES is not None:
+        return FORCED_TILES
     block_c = min(64, max(16, triton.next_power_of_2(channels)))
+    on_cpu = x.device.type == "cpu"
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return 64, block_c, 4
-    return 128, min(block_c, 16), 4
+        return 64 if on_cpu else 16, block_c, 4
+    return 128 if on_cpu else 64, min(block_c, 16), 4
+
+
+def _fit_offsets(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a dense copy of it, such that offsets within one image fit 32 bits (the kernels
+    add them to a 64-bit image base)."""
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    if span < 2**31:
+        return t
+    if math.prod(t.shape[1:]) >= 2**31:
+        raise ValueError(f"{name}: one image of shape {tuple(t.shape[1:])} has 2**31 elements or more, "
+                         "which the Triton kernels do not support")
+    channels_last = t.is_contiguous(memory_format=torch.channels_last) or t.stride(1) == 1
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _out_like(x: torch.Tensor, shape, dtype=None):
@@ -204,6 +295,7 @@ def _geometry(x, stride):
 
 def batch_stats(x, weight, stride: int):
     """Channel mean and biased variance of conv(x, weight) over the batch (fp32, [C] each)."""
+    x = _fit_offsets("x", x)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     block_p, block_c, warps = _blocks(x, channels)
     means = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
@@ -222,6 +314,7 @@ def batch_stats(x, weight, stride: int):
 def apply(x, weight, scale, shift, stride: int, pool: bool):
     """gelu(conv(x, weight) * scale + shift) (scale None: already folded into weight), and the
     per-image channel sums of the result when ``pool``."""
+    x = _fit_offsets("x", x)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     block_p, block_c, warps = _blocks(x, channels)
     y = _out_like(x, (batch, channels, ho, wo))
@@ -238,6 +331,7 @@ def apply(x, weight, scale, shift, stride: int, pool: bool):
 
 def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, training: bool):
     """dx, d(weight), d(gamma), d(beta); ``dpool`` (or None) is the gradient of the pooled sums."""
+    x, dy = _fit_offsets("x", x), _fit_offsets("dy", dy)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     block_p, block_c, warps = _blocks(x, channels)
     grid = (batch, triton.cdiv(channels, block_c))
@@ -252,14 +346,19 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
         STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)
+    # dz keeps x's dtype (dx reads it back); d(weight) is summed from its fp32 values before rounding.
     dz = _out_like(x, (batch, channels, ho, wo))
+    dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
     _bwd_dz[grid](
-        x, weight, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
+        x, weight, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, dw_partial, *common, *dz.stride(),
         channels, height, width, wo, ho * wo, 1.0, 1.0 / (batch * ho * wo),
         STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
-    dx, dweight, _ = torch.ops.aten.convolution_backward(
-        dz, x, weight.to(x.dtype), None, [stride, stride], [1, 1], [1, 1], False, [0, 0], channels,
-        [True, True, False],
+    dweight = dw_partial.sum(0).view(channels, 1, 3, 3)
+    dx = _out_like(x, x.shape)
+    _bwd_dx[grid](
+        dz, weight, dx, *dz.stride(), *weight.stride()[:1], *weight.stride()[2:], *dx.stride(),
+        channels, height, width, ho, wo,
+        STRIDE=stride, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
     return dx, dweight, dgamma, dbeta

@@ -6,12 +6,21 @@ no [heads, N, N] bias is built); online softmax in fp32 over key tiles; o = p v;
 log-sum-exp is written for the backward.
 
 Backward, recomputing the probabilities from the saved log-sum-exp (nothing of size
-[B, heads, N, N] is stored):
+[B, heads, N, N] is stored). Windows of up to SMALL_N_MAX positions (7x7, 8x8: the model's
+common case) fit one tile, so one kernel does everything:
+- ``_bwd_small``: per (head, batch group), the whole window in one tile; for each of the group's
+  batch items it recomputes p once and writes dq, dk, dv (q's dtype) and delta = rowsum(o * do)
+  on the fly; d(bias) is summed over the group in registers into [groups, heads, N, N] partials.
+  One launch, half the recompute of the two kernels below and no dq scratch.
+Larger windows take several tiles along each axis:
+- ``_bwd_delta``: delta = rowsum(o * do) in fp32, one read of o and do.
 - ``_bwd_dkdv``: per (batch, head) and key tile, loop over query tiles -> dk, dv.
 - ``_bwd_dq_dbias``: per (head, query tile, batch group), loop over key tiles and the group's
   batch items -> dq and d(bias) summed over the group, into [groups, heads, N, N] partials.
-  The number of groups depends on the machine, not on the batch, so memory does not grow
-  with the batch.
+  dq sums over key tiles in an fp32 scratch; the last key tile writes it in q's dtype (no
+  scratch at all with one key tile). The number of groups depends on the machine, not on the
+  batch, so memory does not grow with the batch.
+Both paths end with:
 - ``_bias_to_table``: each table row sums the partials of every (group, i, j) with its offset.
 Every output element is written by exactly one program in a fixed order (no atomics), so with
 fixed tiles gradients are bit-identical from run to run; deterministic mode pins the tiles.
@@ -148,7 +157,7 @@ def _bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_dbias(
-    Q, K, V, T, DO, LSE, DELTA, DQ, DBIAS,
+    Q, K, V, T, DO, LSE, DELTA, DQ, DQ_ACC, DBIAS,
     sq_b, sq_h, sq_n, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
@@ -187,14 +196,94 @@ def _bwd_dq_dbias(
             ds = p * (dp - delta[:, None])
             dbias += ds
             dq = _dot(ds.to(k.dtype), k, IEEE) * scale
-            # DQ is an fp32 [B, heads, N, D] accumulator owned row-wise by this program: the
-            # first key tile stores, later ones add, so nothing needs zeroing beforehand.
-            dq_ptr = DQ + bh * N * D + offs_m[:, None] * D + offs_d[None, :]
+            # DQ_ACC is an fp32 [B, heads, N, D] running sum owned row-wise by this program: the
+            # first key tile stores, later ones add, so nothing needs zeroing beforehand; the last
+            # key tile writes DQ (q's dtype) instead, so a single key tile never touches DQ_ACC.
+            out = bh * N * D + rows[:, None] * D + offs_d[None, :]
             if start_n > 0:
-                dq += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
-            tl.store(dq_ptr, dq, mask=row_ok[:, None])
+                dq += tl.load(DQ_ACC + out, mask=row_ok[:, None], other=0.0)
+            if start_n + BLOCK_N < N:
+                tl.store(DQ_ACC + out, dq, mask=row_ok[:, None])
+            else:
+                tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
         out = ((g * n_heads + h) * N + offs_m[:, None]) * N + offs_n[None, :]
         tl.store(DBIAS + out, dbias, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _bwd_delta(
+    O, DO, DELTA,
+    so_b, so_h, so_n, so_d,
+    sdo_b, sdo_h, sdo_n, sdo_d,
+    n_heads, N,
+    BLOCK_M: tl.constexpr, D: tl.constexpr,
+):
+    """DELTA[b, h, i] = sum_d o * do in fp32 (the softmax backward's row term)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    rows = offs_m.to(tl.int64)
+    o = _load_rows(O, b, h, rows, row_ok, offs_d, so_b, so_h, so_n, so_d).to(tl.float32)
+    do = _load_rows(DO, b, h, rows, row_ok, offs_d, sdo_b, sdo_h, sdo_n, sdo_d).to(tl.float32)
+    tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_small(
+    Q, K, V, T, O, DO, LSE, DQ, DK, DV, DBIAS,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    so_b, so_h, so_n, so_d,
+    sdo_b, sdo_h, sdo_n, sdo_d,
+    st_r, st_h,
+    batch, n_heads, n_groups, N, H, W, scale,
+    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Whole-window backward (N <= BLOCK): dq, dk, dv of the group's batch items, d(bias) partials."""
+    pid_hg = tl.program_id(0)
+    h = (pid_hg // n_groups).to(tl.int64)
+    g = pid_hg % n_groups
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    ok = offs < N
+    rows = offs.to(tl.int64)
+    pair_ok = ok[:, None] & ok[None, :]
+    # The same for every batch item: gathered once, and d(bias) summed in registers. Padded
+    # pairs get -inf, so p = 0 there without a mask in the loop (padded rows load lse = 0).
+    bias = tl.where(pair_ok, _rel_bias(T, st_r, st_h, h, offs, offs, N, H, W), float("-inf"))
+    dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
+    for b32 in range(g, batch, n_groups):
+        b = h * 0 + b32  # int64 (h is), in the interpreter too
+        bh = b * n_heads + h
+        q = _load_rows(Q, b, h, rows, ok, offs_d, sq_b, sq_h, sq_n, sq_d)
+        k = _load_rows(K, b, h, rows, ok, offs_d, sk_b, sk_h, sk_n, sk_d)
+        lse = tl.load(LSE + bh * N + offs, mask=ok, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE)
+        # As in _bwd_dkdv: a -inf table entry gives p = 0 (a row masked whole has lse = -inf and
+        # NaN gradients, as its output is NaN).
+        p = tl.exp(s * scale + bias - lse[:, None])
+        do = _load_rows(DO, b, h, rows, ok, offs_d, sdo_b, sdo_h, sdo_n, sdo_d)
+        o = _load_rows(O, b, h, rows, ok, offs_d, so_b, so_h, so_n, so_d)
+        # delta here rather than in _bwd_delta: do is loaded anyway, and it saves a launch.
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        # Each gradient is stored as soon as it is formed: three [BLOCK, D] fp32 results are
+        # never live together (registers are the limit at BLOCK = 64).
+        out = bh * N * D + rows[:, None] * D + offs_d[None, :]  # DQ, DK, DV: contiguous [B, heads, N, D]
+        dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=ok[:, None])
+        v = _load_rows(V, b, h, rows, ok, offs_d, sv_b, sv_h, sv_n, sv_d)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dbias += ds
+        dq = _dot(ds.to(k.dtype), k, IEEE) * scale
+        tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    out = ((g * n_heads + h) * N + rows[:, None]) * N + offs[None, :]
+    tl.store(DBIAS + out, dbias, mask=pair_ok)
 
 
 @triton.jit
@@ -273,14 +362,21 @@ def _fixed(n: int, d: int, device: torch.device) -> dict:
 FORCED_TILES: dict = {}
 
 
+def _pinned(kernel, n: int, d: int, t: torch.Tensor):
+    """The tiles ``kernel`` runs with: forced, fixed, or None where the autotuner picks them."""
+    forced = FORCED_TILES.get(kernel)
+    if forced is None and autotuning(t):
+        return None
+    return _fixed(n, d, t.device) if forced is None else forced
+
+
 def _launch(kernel, tuned, grid, args, constexprs: dict, n: int, d: int, t: torch.Tensor):
     """Run ``kernel`` with autotuned tiles on a GPU, fixed ones otherwise; ``grid(BLOCK_M,
     BLOCK_N)`` gives the launch grid for the chosen tiles."""
-    forced = FORCED_TILES.get(kernel)
-    if forced is None and autotuning(t):
+    cfg = _pinned(kernel, n, d, t)
+    if cfg is None:
         tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
         return
-    cfg = _fixed(n, d, t.device) if forced is None else forced
     kernel[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **constexprs, **cfg)
 
 
@@ -300,6 +396,45 @@ def rel_bias_attention_fwd(q, k, v, table, height: int, width: int, scale: float
     return o, lse
 
 
+# Windows of up to this many positions take the single-tile backward ``_bwd_small`` (tests set
+# it to 0 to send small windows through the general path too).
+SMALL_N_MAX = 64
+
+# Programs of _bwd_small per SM, counting heads * groups. A program holds a whole window, its
+# bias and its d(bias) sum in registers (~250 per thread at BLOCK 64, see _small_config), so an
+# SM holds about two at once: 4 per SM is two rounds, enough to even out the tail, while each
+# program still spreads its bias gather and its d(bias) partial over several batch items.
+SMALL_PROGRAMS_PER_SM = 4
+
+# The launch options _small_config picks from (tests run each).
+SMALL_CONFIGS = [dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=1)]
+
+
+def _small_config(block: int, d: int, ieee: bool) -> dict:
+    """num_warps / num_stages of _bwd_small (FORCED_TILES[_bwd_small] overrides them), from
+    ptxas on sm_90 with a unit d-stride. bf16/fp16 at BLOCK 64: 4 warps without prefetching
+    the next batch item fit d <= 64 in registers (prefetching spills ~90 bytes); d = 128 needs
+    8 warps (~130 bytes of spill; 4 warps ~460). Smaller windows leave room to prefetch. fp32
+    dots run on FMAs with every operand in registers: 8 warps, no prefetch (no spill up to
+    BLOCK 32 or d 32; 4 warps spill kilobytes)."""
+    if ieee:
+        return dict(SMALL_CONFIGS[2])
+    if block <= 32:
+        return dict(SMALL_CONFIGS[0])
+    return dict(SMALL_CONFIGS[1] if d <= 64 else SMALL_CONFIGS[2])
+
+
+def _small_groups(batch: int, heads: int, device: torch.device) -> int:
+    """Batch groups for _bwd_small: about SMALL_PROGRAMS_PER_SM programs per SM, never more than
+    the batch, and no more groups than the longest program's share of the batch needs (128 items
+    in 88 groups take as long as in 64, with more partials to reduce)."""
+    if device.type != "cuda":
+        return min(batch, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    target = max(1, min(batch, math.ceil(SMALL_PROGRAMS_PER_SM * sms / heads)))
+    return math.ceil(batch / max(1, math.ceil(batch / target)))  # 0 for an empty batch: no partials
+
+
 def _batch_groups(batch: int, heads: int, n: int, device: torch.device) -> int:
     """Batch groups for the dq/d(bias) kernel: enough programs to keep every SM busy (counted
     at 32-row query tiles), never more than the batch. It depends on the machine and the
@@ -307,34 +442,65 @@ def _batch_groups(batch: int, heads: int, n: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(batch, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(batch, math.ceil(8 * sms / (heads * triton.cdiv(n, 32)))))
+    return min(batch, max(1, math.ceil(8 * sms / (heads * triton.cdiv(n, 32)))))  # 0 for an empty batch
 
 
-def rel_bias_attention_bwd(do, q, k, v, table, o, lse, height: int, width: int, scale: float):
-    """dq, dk, dv (q's dtype) and dtable (table's dtype)."""
+def _bwd_small_path(do, q, k, v, table, o, lse, dq, dk, dv, height, width, scale):
+    batch, heads, n, d = q.shape
+    block = max(16, triton.next_power_of_2(n))
+    groups = _small_groups(batch, heads, q.device)
+    dbias = torch.empty((groups, heads, n, n), dtype=torch.float32, device=q.device)
+    cfg = FORCED_TILES.get(_bwd_small) or _small_config(block, d, q.dtype == torch.float32)
+    _bwd_small[(heads * groups,)](
+        q, k, v, table, o, do, lse, dq, dk, dv, dbias,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(table),
+        batch, heads, groups, n, height, width, scale,
+        BLOCK=block, D=d, IEEE=q.dtype == torch.float32, **cfg,
+    )
+    return dbias
+
+
+def _bwd_general_path(do, q, k, v, table, o, lse, dq, dk, dv, height, width, scale):
     batch, heads, n, d = q.shape
     constexprs = dict(D=d, IEEE=q.dtype == torch.float32)
-    delta = (o.float() * do.float()).sum(-1)  # [B, heads, N] fp32: rowsum(o * do)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(table))
+    delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+    block = min(max(16, triton.next_power_of_2(n)), max(16, 4096 // d))  # ~4K elements of o, do per program
+    _bwd_delta[(batch * heads, triton.cdiv(n, block))](
+        o, do, delta, *_strides(o), *_strides(do), heads, n, BLOCK_M=block, D=d, num_warps=4)
 
-    dk = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
-    dv = torch.empty_like(dk)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(table))
     _launch(_bwd_dkdv, _bwd_dkdv_tuned, lambda bm, bn: (batch * heads, triton.cdiv(n, bn)),
             (q, k, v, table, do, lse, delta, dk, dv, *common, heads, n, height, width, scale),
             constexprs, n, d, q)
 
     groups = _batch_groups(batch, heads, n, q.device)
-    dq = torch.empty((batch, heads, n, d), dtype=torch.float32, device=q.device)
+    # The fp32 dq running sum is needed only where some candidate tile leaves several key tiles.
+    cfg = _pinned(_bwd_dq_dbias, n, d, q)
+    block_n = (min(c.kwargs["BLOCK_N"] for c in _prune(DQ_DBIAS_CONFIGS, {"N": n})) if cfg is None
+               else cfg["BLOCK_N"])
+    # With one key tile the kernel never touches DQ_ACC: delta stands in as a valid fp32 pointer.
+    dq_acc = torch.empty((batch, heads, n, d), dtype=torch.float32, device=q.device) if n > block_n else delta
     dbias = torch.empty((groups, heads, n, n), dtype=torch.float32, device=q.device)
     _launch(_bwd_dq_dbias, _bwd_dq_dbias_tuned, lambda bm, bn: (heads * groups, triton.cdiv(n, bm)),
-            (q, k, v, table, do, lse, delta, dq, dbias, *common, batch, heads, groups, n, height, width, scale),
-            constexprs, n, d, q)
+            (q, k, v, table, do, lse, delta, dq, dq_acc, dbias, *common, batch, heads, groups, n, height, width,
+             scale), constexprs, n, d, q)
+    return dbias
+
+
+def rel_bias_attention_bwd(do, q, k, v, table, o, lse, height: int, width: int, scale: float):
+    """dq, dk, dv (q's dtype, contiguous) and dtable (table's dtype)."""
+    batch, heads, n, d = q.shape
+    dq = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    path = _bwd_small_path if n <= SMALL_N_MAX else _bwd_general_path
+    dbias = path(do, q, k, v, table, o, lse, dq, dk, dv, height, width, scale)
 
     rows = table.shape[0]
     dtable = torch.empty_like(table)
     block_r = 32
     _bias_to_table[(heads, triton.cdiv(rows, block_r))](
-        dbias, dtable, *_strides(dtable), heads, groups, n, height, width, rows,
+        dbias, dtable, *_strides(dtable), heads, dbias.shape[0], n, height, width, rows,
         BLOCK_R=block_r, BLOCK_I=min(64, max(16, triton.next_power_of_2(n))), num_warps=4,
     )
-    return dq.to(q.dtype), dk, dv, dtable
+    return dq, dk, dv, dtable

@@ -9,6 +9,7 @@ import inspect
 import sys
 import time
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -18,10 +19,11 @@ from coatnet_fast.kernels import dwconv_bn_gelu as dw
 from coatnet_fast.kernels import rel_bias_attention as attn
 
 TARGET = GPUTarget("cuda", 90, 32)
-FP32_POINTERS = {"T", "LSE", "DELTA", "DQ", "DBIAS", "DT", "WT", "SCALE", "SHIFT", "POOL", "MEAN", "M2", "RSTD",
-                 "GAMMA", "BETA", "SUM_DU", "SUM_DU_XHAT", "DBETA", "DGAMMA", "DPOOL"}
+FP32_POINTERS = {"T", "LSE", "DELTA", "DQ_ACC", "DBIAS", "DT", "WT", "SCALE", "SHIFT", "POOL", "MEAN", "M2", "RSTD",
+                 "GAMMA", "BETA", "SUM_DU", "SUM_DU_XHAT", "DBETA", "DGAMMA", "DPOOL",
+                 "DW_PARTIAL"}
 FLOATS = {"scale", "inv_p", "inv_count"}
-SIZES = {"N", "H", "W", "C", "P", "R", "WO"}  # upper-case scalars; other upper-case names are pointers
+SIZES = {"N", "H", "W", "C", "P", "R", "HO", "WO"}  # upper-case scalars; other upper-case names are pointers
 
 
 def signature(kernel, act, constexprs):
@@ -41,34 +43,43 @@ def cases():
         ieee = act == "fp32"
         for kernel, configs in ((attn._fwd, attn.FWD_CONFIGS), (attn._bwd_dkdv, attn.DKDV_CONFIGS),
                                 (attn._bwd_dq_dbias, attn.DQ_DBIAS_CONFIGS)):
-            tiles = [dict(c.kwargs, num_warps=c.num_warps) for c in configs] if act == "bf16" else [dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)]
-            for t in tiles:
-                warps = t.pop("num_warps")
-                yield kernel, act, dict(t, D=32, IEEE=ieee), warps
-        yield attn._bias_to_table, act, dict(BLOCK_R=32, BLOCK_I=64), 4
-        for layout_tiles in ((64, 64), (128, 16)):
-            tiles = dict(BLOCK_P=layout_tiles[0], BLOCK_C=layout_tiles[1])
+            if act != "bf16":
+                configs = [attn._config(32, 64, 4)]
+            for c in configs:
+                yield kernel, act, dict(c.kwargs, D=32, IEEE=ieee), dict(num_warps=c.num_warps, num_stages=c.num_stages)
+        # The single-tile backward at the smallest and largest padded windows (7x7 pads to 64).
+        for block, d in [(b, d) for b in (16, 64) for d in (32, 64, 128)] if act == "bf16" else [(64, 32)]:
+            yield attn._bwd_small, act, dict(BLOCK=block, D=d, IEEE=ieee), attn._small_config(block, d, ieee)
+        yield attn._bwd_delta, act, dict(BLOCK_M=128, D=32), dict(num_warps=4)
+        yield attn._bias_to_table, act, dict(BLOCK_R=32, BLOCK_I=64), dict(num_warps=4)
+        # The tiles a GPU launch picks for channels_last and NCHW (meta tensors: only the device
+        # type and layout are read).
+        for memory_format in (torch.channels_last, torch.contiguous_format):
+            x = torch.empty(2, 384, 8, 8, device="meta").contiguous(memory_format=memory_format)
+            block_p, block_c, warps = dw._blocks(x, 384)
+            tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
             for stride in (1, 2):
-                yield dw._stats, act, dict(tiles, STRIDE=stride), 4
+                yield dw._stats, act, dict(tiles, STRIDE=stride), w
+                yield dw._bwd_dx, act, dict(tiles, STRIDE=stride), w
                 for flag in (True, False):  # training / eval variants of each kernel
-                    yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), 4
-                    yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=flag), 4
-                    yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), 4
+                    yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), w
+                    yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=flag), w
+                    yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), w
 
 
 def main() -> int:
     failed = 0
-    for kernel, act, constexprs, warps in cases():
+    for kernel, act, constexprs, options in cases():
         t0 = time.perf_counter()
         try:
             src = ASTSource(fn=kernel, signature=signature(kernel, act, constexprs), constexprs=constexprs)
-            compiled = triton.compile(src, target=TARGET, options={"num_warps": warps})
+            compiled = triton.compile(src, target=TARGET, options=options)
             detail = f"shared={compiled.metadata.shared}"
         except Exception as e:  # report every failure, not just the first
             failed += 1
             detail = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         name = kernel.fn.__name__
-        print(f"{name} {act} {constexprs} warps={warps}: {detail} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        print(f"{name} {act} {constexprs} {options}: {detail} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return 1 if failed else 0
 
 

@@ -211,3 +211,69 @@ def test_sync_batchnorm_across_processes_runs_the_modules(monkeypatch):
     block.eval()
     block(x)
     assert calls == ["op"]  # inference uses running statistics: the fused op again
+
+
+TRITON_USABLE = "triton" in dispatch.usable_backends("rel_bias_attention")
+
+
+def _triton_calls(device):
+    """Each triton op called on fresh inputs: name -> (function of the inputs, the inputs that take
+    gradients). Attention at fp32 with a 3x3 window; dwconv in training (batch statistics)."""
+    q, k, v = (torch.randn(2, 2, 9, 16, device=device, requires_grad=True) for _ in range(3))
+    table = torch.nn.Parameter(torch.randn(table_rows((3, 3)), 2, device=device))
+    x = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(4, 1, 3, 3, device=device))
+    bn = torch.nn.BatchNorm2d(4).to(device)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+
+    def attention(q, k, v, table):
+        return rel_bias_attention(q, k, v, table, (3, 3), backend="triton")
+
+    def dwconv(x, weight, gamma, beta):
+        return dwconv_bn_gelu(x, weight, gamma, beta, bn.running_mean, bn.running_var, training=True,
+                              backend="triton")
+
+    return {"rel_bias_attention": (attention, (q, k, v, table)),
+            "dwconv_bn_gelu": (dwconv, (x, weight, bn.weight, bn.bias))}
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton is not usable here (no GPU and no TRITON_INTERPRET)")
+@pytest.mark.parametrize("op", ["rel_bias_attention", "dwconv_bn_gelu"])
+def test_eager_calls_skip_the_custom_op_and_match_it(op, device, monkeypatch):
+    """Eager calls run the op's autograd.Function (no custom-op dispatch cost); forcing the
+    custom op gives bit-identical outputs and gradients, since both reach the same launchers."""
+    fn, inputs = _triton_calls(device)[op]
+    out = fn(*inputs)
+    assert out.grad_fn.name() == "_TritonFunctionBackward"
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
+    out_op = fn(*inputs)
+    assert "Backward" in out_op.grad_fn.name() and out_op.grad_fn.name() != "_TritonFunctionBackward"
+    grads_op = torch.autograd.grad(out_op, inputs, grad_out)
+    assert torch.equal(out, out_op)
+    for g, g_op in zip(grads, grads_op):
+        assert torch.equal(g, g_op)
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton is not usable here (no GPU and no TRITON_INTERPRET)")
+@pytest.mark.parametrize("op", ["rel_bias_attention", "dwconv_bn_gelu"])
+def test_torch_compile_traces_the_custom_op(op, device):
+    """Under torch.compile the op must appear as its torch.library custom op, whose schema and
+    fake kernel the compiler needs, not as the eager path's autograd.Function."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    fn, inputs = _triton_calls(device)[op]
+    out = torch.compile(fn, backend=recording_backend, fullgraph=True)(*inputs)
+    assert torch.equal(out, fn(*inputs))
+    assert any(f"coatnet_fast.{op}_triton" in t for t in targets), targets

@@ -207,3 +207,39 @@ def test_bench_rel_bias_attention_smoke(tmp_path):
     assert bench_rel_bias_attention.main(["--smoke", "--providers", "eager,sdpa", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert {r["provider"] for r in rows} == {"eager", "sdpa"} and all(r["correct"] for r in rows)
+
+
+def test_profile_ops_smoke(tmp_path):
+    import profile_ops
+
+    out = tmp_path / "profile.json"
+    providers = "eager,triton" if "triton" in dispatch.usable_backends("rel_bias_attention") else "eager"
+    assert profile_ops.main(["--smoke", "--providers", providers, "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    rows = payload["results"]
+    expected = {(op, p, m) for op in profile_ops.OPS for p in providers.split(",") for m in ("fwd", "fwd+bwd")}
+    assert {(r["op"], r["provider"], r["mode"]) for r in rows} == expected
+    on_gpu = torch.cuda.is_available()
+    for r in rows:
+        assert "error" not in r, r
+        assert 0 < r["host_us"] <= r["wall_us"] and r["top_cpu_ops"], r
+        assert (r["kernel_us"] > 0 and r["kernels"]) if on_gpu else r["kernel_us"] is None
+    assert payload["env"]["torch"] and payload["env"]["commit"]
+    with pytest.raises(SystemExit):
+        profile_ops.main(["--smoke", "--ops", "nope", "--out", str(out)])
+
+
+@pytest.mark.skipif("triton" not in dispatch.usable_backends("rel_bias_attention"), reason="needs the triton backend")
+def test_bench_dispatch_overhead_smoke(tmp_path):
+    import bench_dispatch_overhead
+    from coatnet_fast.kernels import rel_bias_attention as attn_kernels
+
+    launcher = attn_kernels.rel_bias_attention_fwd
+    out = tmp_path / "overhead.json"
+    assert bench_dispatch_overhead.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["op"] for r in rows] == ["rel_bias_attention", "dwconv_bn_gelu (train)"]
+    for r in rows:
+        assert all(r[f"{path}_{mode}_us"] > 0 for path in ("custom_op", "autograd_function") for mode in ("fwd", "fwd_bwd"))
+    # The stubs and the fast-path switch are put back.
+    assert attn_kernels.rel_bias_attention_fwd is launcher and dispatch.eager_fast_path.__module__ == dispatch.__name__

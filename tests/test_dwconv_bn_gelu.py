@@ -197,6 +197,42 @@ def test_gradients_are_deterministic(backend, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif("triton" not in dispatch.usable_backends(OP), reason="triton backend not usable here")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_backward_runs_no_aten_conv(stride, device, monkeypatch):
+    """dx and d(weight) come from the Triton kernels: no ATen convolution op runs in the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    real_backward = kernels.backward
+    monkeypatch.setattr(kernels, "backward", lambda *a: calls.append(a) or real_backward(*a))
+    c = 5
+    x = torch.randn(2, c, 7, 9, device=device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    if _refused("triton", x):
+        return
+    params = [torch.randn(c, 1, 3, 3, device=device), torch.ones(c, device=device), torch.zeros(c, device=device)]
+    params = [p.requires_grad_(True) for p in params]
+    y = dwconv_bn_gelu(x, *params, torch.zeros(c, device=device), torch.ones(c, device=device), training=True,
+                       stride=stride, backend="triton")
+    dy = torch.randn_like(y)
+    with RecordOps() as record:
+        grads = torch.autograd.grad(y, [x] + params, dy)
+    assert len(calls) == 1 and grads[0].shape == x.shape
+    convs = [name for name in record.names if "convolution" in name]
+    assert not convs and record.names, convs
+
+
 def _refused(backend, x, training=True):
     """A backend may decline inputs it declares unsupported (e.g. CPU tensors without the
     interpreter); then it must raise with that reason rather than run."""
@@ -280,3 +316,48 @@ def test_module_momentum_none_over_steps(backend, device):
         assert relative_error(fused.state_dict()[key].double(), value.double()) < 1e-5, key
     fused.eval(), plain.eval()
     assert relative_error(fused(x), plain(x)) < 1e-5
+
+
+TRITON_TILES = [(16, 64, 4), (64, 16, 4), (64, 64, 4), (128, 16, 4), (32, 64, 8), (16, 16, 2)]
+
+
+@pytest.mark.parametrize("tiles", TRITON_TILES, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_every_tile_choice(tiles, channels_last, device, monkeypatch):
+    """The tiles benchmarks may force (FORCED_TILES), defaults included: one image walked in
+    several chunks, more than one channel block, both strides, train (both passes) and eval."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    monkeypatch.setattr(kernels, "FORCED_TILES", tiles)
+    for stride, training in ((1, True), (2, True), (2, False)):
+        check("triton", (2, 21, 9, 7), stride, training, channels_last, torch.float32, device)
+
+
+def test_triton_gpu_tiles_keep_eight_elements_a_thread():
+    """What the ptxas measurement behind _blocks found: sixteen tile elements a thread spill.
+    (Meta tensors stand in for CUDA ones: only the device type and the layout are read.)"""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        for channels in (384, 768):
+            x = torch.empty(2, channels, 8, 8, device="meta").contiguous(memory_format=memory_format)
+            block_p, block_c, warps = kernels._blocks(x, channels)
+            assert block_p * block_c == 8 * 32 * warps
+
+
+def test_triton_offsets_past_32_bits_within_an_image_take_a_dense_copy():
+    """Offsets within one image are 32-bit in the kernels: a view spanning 2**31 elements or more
+    within an image is copied densely first, and an image that large is refused by name. (Only
+    shapes and strides are read, so meta tensors stand in for the gigabytes.)"""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    small = torch.randn(2, 3, 4, 5)
+    assert kernels._fit_offsets("x", small) is small
+    wide = torch.empty_strided((2, 3, 4, 5), (60, 2**30, 5, 1), device="meta")  # channel stride 2**30
+    dense = kernels._fit_offsets("x", wide)
+    assert dense.shape == wide.shape and dense.stride() == (60, 20, 5, 1)
+    wide_nhwc = torch.empty_strided((2, 3, 4, 5), (60, 1, 2**30, 3), device="meta")
+    assert kernels._fit_offsets("dy", wide_nhwc).stride() == (60, 1, 15, 3)  # stays channels_last
+    huge = torch.empty((1, 2**15, 2**8, 2**8 + 1), device="meta")
+    with pytest.raises(ValueError, match="dy: one image of shape"):
+        kernels._fit_offsets("dy", huge)

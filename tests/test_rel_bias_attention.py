@@ -227,8 +227,10 @@ def test_offsets_past_32_bits(backend):
 
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
 @pytest.mark.parametrize("window, d", [((7, 5), 16), ((12, 12), 32)], ids=["7x5-d16", "12x12-d32"])
-def test_every_tile_config_of_the_tuning_lists(backend, window, d, device):
-    """Autotuning may pick any config of the lists on a GPU: each must be right."""
+def test_every_tile_config_of_the_tuning_lists(backend, window, d, device, monkeypatch):
+    """Autotuning may pick any config of the lists on a GPU: each must be right. Small windows
+    are sent through the tiled backward too, which otherwise only takes larger ones; the
+    single-tile backward runs with each launch option it may be given."""
     import triton
 
     from coatnet_fast.kernels import rel_bias_attention as kernels
@@ -236,13 +238,19 @@ def test_every_tile_config_of_the_tuning_lists(backend, window, d, device):
     inputs, _ = make_inputs(2, 2, window, d, torch.float32, device, True)
     if refused(backend, inputs, window):
         return
-    n = window[0] * window[1]
-    lists = ((kernels._fwd, kernels.FWD_CONFIGS), (kernels._bwd_dkdv, kernels.DKDV_CONFIGS),
-             (kernels._bwd_dq_dbias, kernels.DQ_DBIAS_CONFIGS))
-    for kernel, configs in lists:
+    n, small_n_max = window[0] * window[1], kernels.SMALL_N_MAX
+    lists = [(kernels._fwd, kernels._prune(kernels.FWD_CONFIGS, {"N": n}), small_n_max),
+             (kernels._bwd_dkdv, kernels._prune(kernels.DKDV_CONFIGS, {"N": n}), 0),
+             (kernels._bwd_dq_dbias, kernels._prune(kernels.DQ_DBIAS_CONFIGS, {"N": n}), 0)]
+    if n <= small_n_max:
+        lists.append((kernels._bwd_small, kernels.SMALL_CONFIGS, small_n_max))
+    for kernel, configs, small_n_max in lists:
+        monkeypatch.setattr(kernels, "SMALL_N_MAX", small_n_max)
         ran = 0
-        for config in kernels._prune(configs, {"N": n}):
-            kernels.FORCED_TILES[kernel] = dict(config.kwargs, num_warps=config.num_warps)
+        for config in configs:
+            if isinstance(config, triton.Config):
+                config = dict(config.kwargs, num_warps=config.num_warps)
+            kernels.FORCED_TILES[kernel] = config
             try:
                 check_against_reference(backend, window, d, torch.float32, device, strided=True, batch=3, heads=2)
                 ran += 1
@@ -253,6 +261,63 @@ def test_every_tile_config_of_the_tuning_lists(backend, window, d, device):
             finally:
                 kernels.FORCED_TILES.clear()
         assert ran, f"no config of {kernel} fits this device"
+
+
+class _LaunchLog:
+    """Stands in for a Triton kernel (or its autotuned wrapper): records its name per launch."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+def _log_backward_launches(monkeypatch):
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    log = []
+    for name in ("_bwd_small", "_bwd_delta", "_bwd_dkdv", "_bwd_dq_dbias", "_bias_to_table"):
+        monkeypatch.setattr(kernels, name, _LaunchLog(getattr(kernels, name), name, log))
+        if hasattr(kernels, name + "_tuned"):
+            monkeypatch.setattr(kernels, name + "_tuned", _LaunchLog(getattr(kernels, name + "_tuned"), name, log))
+    return log
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+def test_small_windows_take_the_single_tile_backward(backend, device, monkeypatch):
+    """Up to SMALL_N_MAX positions one kernel does the backward; past it, the tiled kernels.
+    The windows straddle the limit (8x8 = 64 positions, 5x13 = 65), each against float64."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    assert kernels.SMALL_N_MAX == 64
+    log = _log_backward_launches(monkeypatch)
+    small, tiled = ["_bwd_small", "_bias_to_table"], ["_bwd_delta", "_bwd_dkdv", "_bwd_dq_dbias", "_bias_to_table"]
+    for window, expected in [((8, 8), small), ((4, 4), small), ((5, 13), tiled)]:
+        inputs, _ = make_inputs(3, 2, window, 16, torch.float32, device, True)
+        if refused(backend, inputs, window):
+            return
+        log.clear()
+        check_against_reference(backend, window, 16, torch.float32, device, strided=True, batch=3, heads=2)
+        assert log == expected, window
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+@pytest.mark.parametrize("window", [(7, 7), (8, 8), (2, 9), (4, 4), (1, 1)], ids=lambda w: f"{w[0]}x{w[1]}")
+@pytest.mark.parametrize("path", ["single-tile", "tiled"])
+def test_small_windows_through_either_backward(backend, window, path, device, monkeypatch, poison_empty):
+    """The same small-window inputs through the single-tile and the tiled backward, each against
+    float64 (outputs allocated NaN-filled: an element either path skips shows up)."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    log = _log_backward_launches(monkeypatch)
+    if path == "tiled":
+        monkeypatch.setattr(kernels, "SMALL_N_MAX", 0)
+    check_against_reference(backend, window, 32, torch.float32, device, strided=True, batch=3, heads=2)
+    check_against_reference(backend, window, 16, torch.float16, device, strided=False, batch=2, heads=3)
+    if log:  # not refused
+        assert ("_bwd_small" in log) == (path == "single-tile")
 
 
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
@@ -308,3 +373,92 @@ def test_minus_inf_table_entries_mask_pairs(backend, device):
     expected = rel_bias_attention_reference(q.double(), k.double(), v.double(), table.double(), window)
     assert torch.isfinite(out).all()
     assert relative_error(out, expected) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+@pytest.mark.parametrize("small_n_max", [64, 0], ids=["single-tile", "tiled"])
+def test_backward_row_offsets_past_32_bits(backend, small_n_max, device, monkeypatch):
+    """The gradients of q and do views whose row * stride passes 2**31 (4 GiB of fp16), through
+    either backward (a 3-position window takes the single-tile one unless switched off)."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    monkeypatch.setattr(kernels, "SMALL_N_MAX", small_n_max)
+    stride = 2**30 + 64
+    store = torch.zeros(2 * stride + 32, dtype=torch.float16, device=device)
+    q = store.as_strided((1, 1, 3, 16), (0, 0, stride, 1))
+    grad_out = store.as_strided((1, 1, 3, 16), (0, 0, stride, 1), storage_offset=16)
+    g = torch.Generator().manual_seed(0)
+    q.copy_(torch.randn(1, 1, 3, 16, generator=g).half())
+    grad_out.copy_(torch.randn(1, 1, 3, 16, generator=g).half())
+    k, v = (torch.randn(1, 1, 3, 16, generator=g).half().to(device) for _ in range(2))
+    table = torch.randn(5, 1, generator=g).to(device)
+    if refused(backend, [q, k, v, table], (1, 3)):
+        return
+    inputs = [q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), table.requires_grad_(True)]
+    out, grads = run(rel_bias_attention, inputs, grad_out, window=(1, 3), backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out.double(), window=(1, 3))
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
+        assert relative_error(a, b) <= TOLERANCE[torch.float16], name
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+@pytest.mark.parametrize("window, small_n_max", [((1, 40), 64), ((1, 40), 0), ((1, 200), 64)],
+                         ids=["1x40-single-tile", "1x40-tiled", "1x200-tiled"])
+def test_minus_inf_table_entries_backward(backend, window, small_n_max, device, monkeypatch):
+    """Gradients with -inf table entries (masked pairs) are finite and right, through either
+    backward; at 1x200 some query rows see a key tile masked whole."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    monkeypatch.setattr(kernels, "SMALL_N_MAX", small_n_max)
+    inputs, grad_out = make_inputs(2, 2, window, 16, torch.float32, device, False)
+    table = inputs[3].detach().clone()
+    dx = torch.arange(table.shape[0], device=device) - (window[1] - 1)
+    table[dx >= window[1] * 9 // 25] = float("-inf")
+    inputs[3] = table.requires_grad_(True)
+    if refused(backend, inputs, window):
+        return
+    out, grads = run(rel_bias_attention, inputs, grad_out, window=window, backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=window)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
+        assert torch.isfinite(a).all(), name
+        assert relative_error(a, b) <= TOLERANCE[torch.float32], name
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+@pytest.mark.parametrize("path", ["single-tile", "tiled"])
+# The tiled kernels take exp on padded lanes before masking them out: numpy (the interpreter)
+# warns of the overflow in values that are then discarded.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_far_negative_scores(backend, path, device, monkeypatch):
+    """A table shifted far below zero leaves softmax unchanged, with lse near the shift: padded
+    rows and columns of a tile must stay masked there (exp(-lse) would overflow, inf * 0 = NaN)."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    if path == "tiled":
+        monkeypatch.setattr(kernels, "SMALL_N_MAX", 0)
+    window = (7, 7)
+    for dtype, shift in [(torch.float32, 100.0), (torch.float16, 20.0)]:  # exp(100) > fp32 max, exp(20) > fp16 max
+        inputs, grad_out = make_inputs(2, 2, window, 16, dtype, device, False)
+        inputs[3] = (inputs[3].detach() - shift).requires_grad_(True)
+        if refused(backend, inputs, window):
+            return
+        out, grads = run(rel_bias_attention, inputs, grad_out, window=window, backend=backend)
+        ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+        ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=window)
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
+            assert relative_error(a, b) <= TOLERANCE[dtype], f"{dtype} {name}"
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+@pytest.mark.parametrize("window", [(7, 7), (9, 9)], ids=["7x7-single-tile", "9x9-tiled"])
+def test_empty_batch(backend, window, device, poison_empty):
+    """No batch items: empty gradients, and a table gradient of zeros (no partials to sum)."""
+    inputs, _ = make_inputs(0, 2, window, 16, torch.float32, device, False)
+    if refused(backend, inputs, window):
+        return
+    out = rel_bias_attention(*inputs, window, backend=backend)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    assert out.shape == inputs[0].shape and all(g.shape == t.shape for g, t in zip(grads, inputs))
+    assert torch.equal(grads[3], torch.zeros_like(grads[3]))

@@ -107,6 +107,23 @@ def triton_device_reasons(t) -> List[str]:
     return [f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {t.device}"]
 
 
+def eager_fast_path(*tensors) -> bool:
+    """Whether a fused op may skip its torch.library custom op and run its autograd.Function.
+
+    A custom op costs about 50 us of Python per call in eager mode (argument normalisation,
+    the Python autograd wrapper, a redispatch), on top of the kernel launch; a forward and
+    backward pays it twice or more. That is comparable to the GPU time of a window attention
+    at N=49, so eager calls take the plain autograd.Function over the same launchers. The
+    custom op stays the path torch.compile, export and fake or subclass tensors see (they need
+    its schema and fake kernel)."""
+    import torch
+
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    plain = (torch.Tensor, torch.nn.Parameter)
+    return all(type(t) in plain and t.device.type != "meta" for t in tensors)
+
+
 def ops() -> List[str]:
     return sorted(_TABLE)
 

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import ext
 from . import _checks, dispatch
@@ -94,10 +95,7 @@ def _(x, weight, stride):
     return stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("coatnet_fast::dwconv_bn_gelu_triton", mutates_args=())
-def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
-                    mean: torch.Tensor, rstd: torch.Tensor, training: bool, stride: int, pool: bool
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _forward_kernels(x, weight, bn_weight, bn_bias, mean, rstd, training: bool, stride: int, pool: bool):
     """y = gelu((conv(x) - mean) * rstd * gamma + beta), and per-image channel sums of y
     ([B, C] fp32 when ``pool``, else empty). ``training`` says mean and rstd are this batch's
     statistics, which the backward then differentiates through."""
@@ -111,6 +109,20 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tens
     return kernels.apply(x, weight.float() * scale.view(-1, 1, 1, 1), None, shift, stride, pool)
 
 
+def _backward_kernels(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride: int, training: bool):
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    dx, dweight, dgamma, dbeta = kernels.backward(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride, training)
+    return dx, dweight.to(weight.dtype), dgamma.to(bn_weight.dtype), dbeta.to(bn_bias.dtype)
+
+
+@torch.library.custom_op("coatnet_fast::dwconv_bn_gelu_triton", mutates_args=())
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                    mean: torch.Tensor, rstd: torch.Tensor, training: bool, stride: int, pool: bool
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward_kernels(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
+
+
 @_triton_forward.register_fake
 def _(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool):
     sums = x.new_empty((x.shape[0], x.shape[1]) if pool else (0,), dtype=torch.float32)
@@ -122,10 +134,7 @@ def _triton_backward(dy: torch.Tensor, dsums: Optional[torch.Tensor], x: torch.T
                      bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                      stride: int, training: bool
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
-
-    dx, dweight, dgamma, dbeta = kernels.backward(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride, training)
-    return dx, dweight.to(weight.dtype), dgamma.to(bn_weight.dtype), dbeta.to(bn_bias.dtype)
+    return _backward_kernels(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride, training)
 
 
 @_triton_backward.register_fake
@@ -147,6 +156,32 @@ def _dw_backward(ctx, dy, dsums):
 
 
 torch.library.register_autograd("coatnet_fast::dwconv_bn_gelu_triton", _dw_backward, setup_context=_dw_setup_context)
+
+
+def _eager_stats(x, weight, stride):
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    return kernels.batch_stats(x, weight, stride)
+
+
+class _TritonFunction(torch.autograd.Function):
+    """The eager path of the triton backend: the same launchers as the custom ops above,
+    without their per-call dispatch cost (see ``dispatch.eager_fast_path``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool):
+        inputs = (x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
+        y, sums = _forward_kernels(*inputs)
+        _dw_setup_context(ctx, inputs, (y, sums))
+        return y, sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dsums):
+        x, weight, bn_weight, bn_bias, mean, rstd = ctx.saved_tensors
+        grads = _backward_kernels(dy, dsums if ctx.pool else None, x, weight, bn_weight, bn_bias, mean, rstd,
+                                  ctx.stride, ctx.training)
+        return *grads, None, None, None, None, None
 
 
 def _autocast(x: torch.Tensor) -> torch.Tensor:
@@ -174,8 +209,11 @@ def _normalisation(stats, x, weight, running_mean, running_var, training, moment
 def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
                           pool=False):
     x = _autocast(x)
-    mean, rstd = _normalisation(_triton_stats, x, weight, running_mean, running_var, training, momentum, eps, stride)
-    y, sums = _triton_forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
+    fast = dispatch.eager_fast_path(x, weight, bn_weight, bn_bias, running_mean, running_var)
+    mean, rstd = _normalisation(_eager_stats if fast else _triton_stats, x, weight, running_mean, running_var,
+                                training, momentum, eps, stride)
+    forward = _TritonFunction.apply if fast else _triton_forward
+    y, sums = forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
     return (y, sums) if pool else y
 
 

@@ -12,6 +12,7 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import ext
 from . import _checks, dispatch
@@ -146,6 +147,28 @@ def _backward(ctx, do, _dlse):
 torch.library.register_autograd("coatnet_fast::rel_bias_attention_triton", _backward, setup_context=_setup_context)
 
 
+class _TritonFunction(torch.autograd.Function):
+    """The eager path of the triton backend: the same launchers as the custom ops above,
+    without their per-call dispatch cost (see ``dispatch.eager_fast_path``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, height, width, scale):
+        from coatnet_fast.kernels.rel_bias_attention import rel_bias_attention_fwd
+
+        o, lse = rel_bias_attention_fwd(q, k, v, table, height, width, scale)
+        _setup_context(ctx, (q, k, v, table, height, width, scale), (o, lse))
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        from coatnet_fast.kernels.rel_bias_attention import rel_bias_attention_bwd
+
+        q, k, v, table, o, lse = ctx.saved_tensors
+        grads = rel_bias_attention_bwd(do, q, k, v, table, o, lse, ctx.window[0], ctx.window[1], ctx.scale)
+        return *grads, None, None, None
+
+
 def _autocast_qkv(q, k, v):
     if torch.is_autocast_enabled(q.device.type):
         # What autocast does to the eager matmuls: q, k, v in the autocast dtype; the table
@@ -157,6 +180,8 @@ def _autocast_qkv(q, k, v):
 
 def rel_bias_attention_triton(q, k, v, table, window, scale):
     q, k, v = _autocast_qkv(q, k, v)
+    if dispatch.eager_fast_path(q, k, v, table):
+        return _TritonFunction.apply(q, k, v, table, window[0], window[1], scale)
     return _triton_forward(q, k, v, table, window[0], window[1], scale)[0]
 
 

@@ -1,0 +1,119 @@
+"""Host time per call of the triton backend's two call paths, with the kernels stubbed out.
+
+The fused ops reach their kernel launchers either through their torch.library custom ops (what
+torch.compile traces) or, for plain eager calls, through a torch.autograd.Function
+(``dispatch.eager_fast_path``). This times what each path adds around the kernels: argument
+checks, backend selection, autograd and the custom-op machinery. The launchers are replaced by
+functions that only allocate the outputs, so the figures hold on any machine and say nothing
+about the kernels themselves (bench/profile_ops.py measures those on a GPU).
+
+    PYTHONPATH=. python bench/bench_dispatch_overhead.py --out bench/results/dispatch_overhead_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from _common import environment, write_json  # noqa: E402
+
+from coatnet_fast.kernels import dwconv_bn_gelu as dw_kernels  # noqa: E402
+from coatnet_fast.kernels import rel_bias_attention as attn_kernels  # noqa: E402
+from coatnet_fast.ops import dispatch, dwconv_bn_gelu, rel_bias_attention  # noqa: E402
+from coatnet_fast.ops.rel_bias_attention import table_rows  # noqa: E402
+
+STUBS = {
+    attn_kernels: {
+        "rel_bias_attention_fwd": lambda q, k, v, table, h, w, scale: (
+            torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)),
+        "rel_bias_attention_bwd": lambda do, q, k, v, table, o, lse, h, w, scale: (
+            torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(table)),
+    },
+    dw_kernels: {
+        "batch_stats": lambda x, weight, stride: (x.new_zeros(x.shape[1], dtype=torch.float32),
+                                                  x.new_ones(x.shape[1], dtype=torch.float32)),
+        "apply": lambda x, weight, scale, shift, stride, pool: (
+            torch.empty_like(x), x.new_empty(x.shape[:2] if pool else (0,), dtype=torch.float32)),
+        "backward": lambda dy, dpool, x, weight, gamma, beta, mean, rstd, stride, training: (
+            torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32),
+            gamma.new_empty(gamma.shape, dtype=torch.float32), beta.new_empty(beta.shape, dtype=torch.float32)),
+    },
+}
+
+
+def calls(device):
+    """op -> (forward, inputs that take gradients), at sizes where the stubs cost nothing."""
+    q, k, v = (torch.randn(2, 2, 9, 16, device=device, requires_grad=True) for _ in range(3))
+    table = torch.nn.Parameter(torch.randn(table_rows((3, 3)), 2, device=device))
+    x = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(8, 1, 3, 3, device=device))
+    bn = torch.nn.BatchNorm2d(8).to(device)
+    return {
+        "rel_bias_attention": (lambda: rel_bias_attention(q, k, v, table, (3, 3), backend="triton"), (q, k, v, table)),
+        "dwconv_bn_gelu (train)": (lambda: dwconv_bn_gelu(x, weight, bn.weight, bn.bias, bn.running_mean,
+                                                          bn.running_var, training=True, backend="triton"),
+                                   (x, weight, bn.weight, bn.bias)),
+    }
+
+
+def time_us(fn, repeats: int, rounds: int = 5) -> float:
+    """Median over rounds of the mean time per call."""
+    for _ in range(repeats // 5 + 10):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        samples.append((time.perf_counter() - start) / repeats * 1e6)
+    return statistics.median(samples)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=400)
+    p.add_argument("--smoke", action="store_true", help="a few calls only")
+    p.add_argument("--out", help="JSON path (default: bench/results/dispatch_overhead_<device>.json)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.repeats = 5
+    device = torch.device("cpu")
+    if dispatch.why_not("rel_bias_attention", "triton"):
+        p.error("the triton backend is not usable here (set TRITON_INTERPRET=1 on a CPU)")
+    out_path = Path(args.out or Path(__file__).parent / "results" / f"dispatch_overhead_{device.type}.json")
+    payload = {"benchmark": "dispatch_overhead", "env": environment(),
+               "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}
+    saved = {(module, name): getattr(module, name) for module, stubs in STUBS.items() for name in stubs}
+    fast_path = dispatch.eager_fast_path
+    try:
+        for module, stubs in STUBS.items():
+            for name, stub in stubs.items():
+                setattr(module, name, stub)
+        for op, (forward, inputs) in calls(device).items():
+            def forward_backward(forward=forward, inputs=inputs):
+                out = forward()
+                torch.autograd.grad(out, inputs, out)
+            row = {"op": op}
+            for path, use_fast in (("custom_op", False), ("autograd_function", True)):
+                dispatch.eager_fast_path = fast_path if use_fast else (lambda *tensors: False)
+                row[f"{path}_fwd_us"] = time_us(forward, args.repeats)
+                row[f"{path}_fwd_bwd_us"] = time_us(forward_backward, args.repeats)
+            dispatch.eager_fast_path = fast_path
+            payload["results"].append(row)
+            print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    finally:
+        dispatch.eager_fast_path = fast_path
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
+    write_json(out_path, payload)
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
