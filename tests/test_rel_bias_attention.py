@@ -46,18 +46,24 @@ def refused(backend, inputs, window):
     return bool(why)
 
 
+def assert_matches_reference(out, grads, inputs, grad_out, window, tol, finite=False):
+    """out and the four gradients against the float64 reference on the same inputs."""
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out.double(), window=window)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
+        assert a.shape == b.shape, name
+        assert not finite or torch.isfinite(a).all(), name
+        err = relative_error(a, b)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
 def check_against_reference(backend, window, d, dtype, device, strided, batch=2, heads=3):
     inputs, grad_out = make_inputs(batch, heads, window, d, dtype, device, strided)
     if refused(backend, inputs, window):
         return
-    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
     out, grads = run(rel_bias_attention, inputs, grad_out, window=window, backend=backend)
-    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=window)
     assert out.shape == inputs[0].shape and out.dtype == dtype
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
-        assert a.shape == b.shape, name
-        err = relative_error(a, b)
-        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+    assert_matches_reference(out, grads, inputs, grad_out, window, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
@@ -81,11 +87,8 @@ def test_fp32_table_with_low_precision_activations(backend, device):
     if refused(backend, inputs, (4, 6)):
         return
     out, grads = run(rel_bias_attention, inputs, grad_out, window=(4, 6), backend=backend)
-    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
-    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=(4, 6))
     assert out.dtype == torch.float16 and grads[3].dtype == torch.float32
-    for a, b in zip((out,) + grads, (ref_out,) + ref_grads):
-        assert relative_error(a, b) <= TOLERANCE[torch.float16]
+    assert_matches_reference(out, grads, inputs, grad_out, (4, 6), TOLERANCE[torch.float16])
 
 
 def test_explicit_scale_and_default(device):
@@ -336,10 +339,7 @@ def test_autocast(backend, device):
         out, grads = run(rel_bias_attention, inputs, grad_out, window=(7, 5), backend=backend)
     assert out.dtype == low
     assert all(g.dtype == torch.float32 for g in grads)
-    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
-    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=(7, 5))
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
-        assert relative_error(a, b) <= TOLERANCE[low], name
+    assert_matches_reference(out, grads, inputs, grad_out, (7, 5), TOLERANCE[low])
 
 
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
@@ -396,10 +396,7 @@ def test_backward_row_offsets_past_32_bits(backend, small_n_max, device, monkeyp
         return
     inputs = [q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), table.requires_grad_(True)]
     out, grads = run(rel_bias_attention, inputs, grad_out, window=(1, 3), backend=backend)
-    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
-    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out.double(), window=(1, 3))
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
-        assert relative_error(a, b) <= TOLERANCE[torch.float16], name
+    assert_matches_reference(out, grads, inputs, grad_out, (1, 3), TOLERANCE[torch.float16])
 
 
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
@@ -419,11 +416,7 @@ def test_minus_inf_table_entries_backward(backend, window, small_n_max, device, 
     if refused(backend, inputs, window):
         return
     out, grads = run(rel_bias_attention, inputs, grad_out, window=window, backend=backend)
-    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
-    ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=window)
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
-        assert torch.isfinite(a).all(), name
-        assert relative_error(a, b) <= TOLERANCE[torch.float32], name
+    assert_matches_reference(out, grads, inputs, grad_out, window, TOLERANCE[torch.float32], finite=True)
 
 
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
@@ -445,10 +438,7 @@ def test_far_negative_scores(backend, path, device, monkeypatch):
         if refused(backend, inputs, window):
             return
         out, grads = run(rel_bias_attention, inputs, grad_out, window=window, backend=backend)
-        ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
-        ref_out, ref_grads = run(rel_bias_attention_reference, ref_inputs, grad_out, window=window)
-        for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out,) + grads, (ref_out,) + ref_grads):
-            assert relative_error(a, b) <= TOLERANCE[dtype], f"{dtype} {name}"
+        assert_matches_reference(out, grads, inputs, grad_out, window, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
