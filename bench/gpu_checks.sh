@@ -39,7 +39,7 @@ fi
 if stage ops; then
   timeout "${ATTN_TIMEOUT:-200}" python3 bench/bench_rel_bias_attention.py ${ATTN_ARGS:---models coatnet_0 --dtypes bf16} --out "$OUT/rel_bias_attention_gpu.json" > "$OUT/bench_attention.txt" 2>&1 || status=1
   grep -E "^\{" "$OUT/bench_attention.txt" | cut -c1-260
-  timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:-} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
+  timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:---tiles 32x64x8,64x64x4,64x64x8,32x32x4} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
   grep -E "^\{" "$OUT/bench_dwconv.txt" | cut -c1-260
   # Kernel time against host time per step, and each kernel's share: what to optimise next.
   timeout "${PROFILE_TIMEOUT:-120}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1

@@ -243,3 +243,34 @@ def test_bench_dispatch_overhead_smoke(tmp_path):
         assert all(r[f"{path}_{mode}_us"] > 0 for path in ("custom_op", "autograd_function") for mode in ("fwd", "fwd_bwd"))
     # The stubs and the fast-path switch are put back.
     assert attn_kernels.rel_bias_attention_fwd is launcher and dispatch.eager_fast_path.__module__ == dispatch.__name__
+
+
+@pytest.mark.skipif("triton" not in dispatch.usable_backends("rel_bias_attention"), reason="needs the triton backend")
+def test_bench_rel_bias_attention_times_both_backward_paths(tmp_path):
+    """A small window is timed through the single-tile backward and, as ``triton@tiled``, the
+    tiled one; the switch is put back afterwards."""
+    import bench_rel_bias_attention
+
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    default = kernels.SMALL_N_MAX
+    out = tmp_path / "attn.json"
+    argv = ["--smoke", "--providers", "triton,triton@tiled", "--out", str(out)]
+    assert bench_rel_bias_attention.main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("triton", "triton@tiled")
+                                                          for m in ("fwd", "fwd+bwd")}
+    assert all(r["correct"] for r in rows) and kernels.SMALL_N_MAX == default
+
+
+@pytest.mark.skipif("triton" not in dispatch.usable_backends("dwconv_bn_gelu"), reason="needs the triton backend")
+def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
+    import bench_dwconv_bn_gelu
+
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    out = tmp_path / "dw.json"
+    assert bench_dwconv_bn_gelu.main(["--smoke", "--modes", "train", "--tiles", "16x16x2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["provider"] for r in rows} >= {"triton", "triton@16x16x2"}
+    assert all(r["correct"] for r in rows if "correct" in r) and kernels.FORCED_TILES is None
