@@ -271,12 +271,13 @@ def _blocks(x: torch.Tensor, channels: int):
 def _fit_offsets(name: str, t: torch.Tensor) -> torch.Tensor:
     """``t``, or a dense copy of it, such that offsets within one image fit 32 bits (the kernels
     add them to a 64-bit image base)."""
-    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
-    if span < 2**31:
-        return t
+    # The kernels' own dense outputs (y, dz, dx) hold whole images too, whatever t's strides.
     if math.prod(t.shape[1:]) >= 2**31:
         raise ValueError(f"{name}: one image of shape {tuple(t.shape[1:])} has 2**31 elements or more, "
                          "which the Triton kernels do not support")
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    if span < 2**31:
+        return t
     channels_last = t.is_contiguous(memory_format=torch.channels_last) or t.stride(1) == 1
     return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -351,7 +352,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
     _bwd_dz[grid](
         x, weight, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, dw_partial, *common, *dz.stride(),
-        channels, height, width, wo, ho * wo, 1.0, 1.0 / (batch * ho * wo),
+        channels, height, width, wo, ho * wo, 1.0, 1.0 / max(1, batch * ho * wo),  # eval allows an empty batch
         STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
     dweight = dw_partial.sum(0).view(channels, 1, 3, 3)

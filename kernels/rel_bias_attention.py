@@ -49,7 +49,8 @@ def _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W):
 @triton.jit
 def _load_rows(PTR, b, h, rows, ok, offs_d, s_b, s_h, s_n, s_d):
     """A [rows, D] tile of a strided [B, heads, N, D] tensor (rows int64: row * s_n may pass 2**31)."""
-    return tl.load(PTR + b * s_b + h * s_h + rows[:, None] * s_n + offs_d[None, :] * s_d,
+    # d offsets in int64 too: a d-outermost view can have (D - 1) * s_d past 2**31.
+    return tl.load(PTR + b * s_b + h * s_h + rows[:, None] * s_n + offs_d.to(tl.int64)[None, :] * s_d,
                    mask=ok[:, None], other=0.0)
 
 
@@ -201,6 +202,9 @@ def _bwd_dq_dbias(
             # key tile writes DQ (q's dtype) instead, so a single key tile never touches DQ_ACC.
             out = bh * N * D + rows[:, None] * D + offs_d[None, :]
             if start_n > 0:
+                # Read back what this program stored for the previous key tile: the store and the
+                # load may map elements to different threads, so order them with a barrier.
+                tl.debug_barrier()
                 dq += tl.load(DQ_ACC + out, mask=row_ok[:, None], other=0.0)
             if start_n + BLOCK_N < N:
                 tl.store(DQ_ACC + out, dq, mask=row_ok[:, None])
@@ -499,7 +503,10 @@ def rel_bias_attention_bwd(do, q, k, v, table, o, lse, height: int, width: int, 
     dq = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    path = _bwd_small_path if n <= SMALL_N_MAX else _bwd_general_path
+    # fp32 with d > 64 stays tiled: the single tile then needs 128 KB of shared memory at
+    # BLOCK 64, above what GPUs other than the A100/H100 class give one program.
+    small = n <= SMALL_N_MAX and not (q.dtype == torch.float32 and d > 64)
+    path = _bwd_small_path if small else _bwd_general_path
     dbias = path(do, q, k, v, table, o, lse, dq, dk, dv, height, width, scale)
 
     rows = table.shape[0]

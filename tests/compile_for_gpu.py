@@ -47,6 +47,10 @@ def cases():
                 configs = [attn._config(32, 64, 4)]
             for c in configs:
                 yield kernel, act, dict(c.kwargs, D=32, IEEE=ieee), dict(num_warps=c.num_warps, num_stages=c.num_stages)
+            # The largest head dim at the tiles used when not autotuning (shared memory grows with d).
+            fixed = attn._fixed(kernel, 196, 128, torch.device("cuda"))
+            tiles = {key: fixed.pop(key) for key in ("BLOCK_M", "BLOCK_N")}
+            yield kernel, act, dict(tiles, D=128, IEEE=ieee), fixed
         # The single-tile backward at the smallest and largest padded windows (7x7 pads to 64).
         for block, d in [(b, d) for b in (16, 64) for d in (32, 64, 128)] if act == "bf16" else [(64, 32)]:
             yield attn._bwd_small, act, dict(BLOCK=block, D=d, IEEE=ieee), attn._small_config(block, d, ieee)

@@ -246,13 +246,13 @@ def test_eager_calls_skip_the_custom_op_and_match_it(op, device, monkeypatch):
     custom op gives bit-identical outputs and gradients, since both reach the same launchers."""
     fn, inputs = _triton_calls(device)[op]
     out = fn(*inputs)
-    assert out.grad_fn.name() == "_TritonFunctionBackward"
+    assert out.grad_fn.name() in ("_TritonAttentionFunctionBackward", "_TritonDWConvFunctionBackward")
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
 
     monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
     out_op = fn(*inputs)
-    assert "Backward" in out_op.grad_fn.name() and out_op.grad_fn.name() != "_TritonFunctionBackward"
+    assert "Backward" in out_op.grad_fn.name() and "Function" not in out_op.grad_fn.name()
     grads_op = torch.autograd.grad(out_op, inputs, grad_out)
     assert torch.equal(out, out_op)
     for g, g_op in zip(grads, grads_op):
@@ -277,3 +277,42 @@ def test_torch_compile_traces_the_custom_op(op, device):
     out = torch.compile(fn, backend=recording_backend, fullgraph=True)(*inputs)
     assert torch.equal(out, fn(*inputs))
     assert any(f"coatnet_fast.{op}_triton" in t for t in targets), targets
+
+
+def test_fast_path_yields_to_dispatch_modes_and_tracing():
+    """Under a TorchDispatchMode (make_fx, FakeTensorMode, FlopCounterMode) the op must be the
+    custom op those modes can see, not a kernel launch hidden inside an autograd.Function."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    t = torch.randn(2)
+    assert dispatch.eager_fast_path(t, torch.nn.Parameter(t))
+    with PassThrough():
+        assert not dispatch.eager_fast_path(t)
+    assert not dispatch.eager_fast_path(torch.empty(2, device="meta"))
+    if TRITON_USABLE:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        fn, inputs = _triton_calls(torch.device("cpu"))["rel_bias_attention"]
+        graph = make_fx(lambda *a: fn(*a), tracing_mode="real")(*inputs)
+        assert any("rel_bias_attention_triton" in str(n.target) for n in graph.graph.nodes), graph.code
+
+
+@pytest.mark.skipif(not TRITON_USABLE, reason="triton is not usable here (no GPU and no TRITON_INTERPRET)")
+@pytest.mark.parametrize("op", ["rel_bias_attention", "dwconv_bn_gelu"])
+@pytest.mark.parametrize("fast", [True, False], ids=["autograd-function", "custom-op"])
+def test_double_backward_raises_rather_than_dropping_the_graph(op, fast, device, monkeypatch):
+    """A fused op has no second derivative: differentiating its gradients raises, on both paths,
+    even for a loss linear in the output (where graph-less gradients would silently give zero).
+    The autograd.Function raises at create_graph=True; the custom op when the graph is used."""
+    if not fast:
+        monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
+    fn, inputs = _triton_calls(device)[op]
+    out = fn(*inputs)
+    message = "no double backward" if fast else "no autograd formula was registered"
+    with pytest.raises(RuntimeError, match=message):
+        grads = torch.autograd.grad(out.sum(), inputs, create_graph=True)
+        torch.autograd.grad(sum(g.sum() for g in grads), inputs, allow_unused=True)

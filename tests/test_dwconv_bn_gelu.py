@@ -361,3 +361,25 @@ def test_triton_offsets_past_32_bits_within_an_image_take_a_dense_copy():
     huge = torch.empty((1, 2**15, 2**8, 2**8 + 1), device="meta")
     with pytest.raises(ValueError, match="dy: one image of shape"):
         kernels._fit_offsets("dy", huge)
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_eval_with_an_empty_batch(backend, channels_last, device):
+    """Eval accepts B = 0 (nothing to normalise with but the running statistics): an empty
+    output, and gradients of zero for the parameters, as eager gives."""
+    x = torch.randn(0, 5, 7, 9, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if _refused(backend, x, training=False):
+        return
+    x.requires_grad_(True)
+    params = [torch.randn(5, 1, 3, 3, device=device), torch.ones(5, device=device), torch.zeros(5, device=device)]
+    params = [p.requires_grad_(True) for p in params]
+    y = dwconv_bn_gelu(x, *params, torch.zeros(5, device=device), torch.ones(5, device=device), training=False,
+                       stride=2, backend=backend)
+    assert y.shape == (0, 5, 4, 5)
+    grads = torch.autograd.grad(y.sum(), [x] + params, allow_unused=True)
+    assert grads[0] is None or grads[0].shape == x.shape
+    for g in grads[1:]:
+        assert g is None or (g == 0).all()

@@ -304,6 +304,12 @@ def test_small_windows_take_the_single_tile_backward(backend, device, monkeypatc
         log.clear()
         check_against_reference(backend, window, 16, torch.float32, device, strided=True, batch=3, heads=2)
         assert log == expected, window
+    # fp32 with d > 64 stays tiled (the single tile would need 128 KB of shared memory on a GPU);
+    # half precision at d = 128 takes the single tile.
+    for dtype, expected in [(torch.float32, tiled), (torch.float16, small)]:
+        log.clear()
+        check_against_reference(backend, (4, 4), 128, dtype, device, strided=False, batch=2, heads=1)
+        assert log == expected, dtype
 
 
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])

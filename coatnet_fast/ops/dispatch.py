@@ -120,8 +120,21 @@ def eager_fast_path(*tensors) -> bool:
 
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
+    if torch._C._len_torch_dispatch_stack():  # make_fx, FakeTensorMode, FlopCounterMode: they need the op
+        return False
     plain = (torch.Tensor, torch.nn.Parameter)
     return all(type(t) in plain and t.device.type != "meta" for t in tensors)
+
+
+def no_double_backward(op: str) -> None:
+    """Called first in a fused op's autograd.Function backward: grad mode is on there only when
+    the caller asked for a graph of the gradients (create_graph=True), which the fused kernels
+    cannot give. Raising beats returning gradients that silently carry no graph."""
+    import torch
+
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the fused backends have no double backward (create_graph=True); "
+                           "use backend='eager' for higher-order gradients")
 
 
 def ops() -> List[str]:

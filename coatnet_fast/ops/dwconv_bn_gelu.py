@@ -13,7 +13,6 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import ext
 from . import _checks, dispatch
@@ -164,7 +163,7 @@ def _eager_stats(x, weight, stride):
     return kernels.batch_stats(x, weight, stride)
 
 
-class _TritonFunction(torch.autograd.Function):
+class _TritonDWConvFunction(torch.autograd.Function):
     """The eager path of the triton backend: the same launchers as the custom ops above,
     without their per-call dispatch cost (see ``dispatch.eager_fast_path``)."""
 
@@ -173,11 +172,13 @@ class _TritonFunction(torch.autograd.Function):
         inputs = (x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
         y, sums = _forward_kernels(*inputs)
         _dw_setup_context(ctx, inputs, (y, sums))
+        if not pool:
+            ctx.mark_non_differentiable(sums)
         return y, sums
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, dsums):
+        dispatch.no_double_backward(OP)
         x, weight, bn_weight, bn_bias, mean, rstd = ctx.saved_tensors
         grads = _backward_kernels(dy, dsums if ctx.pool else None, x, weight, bn_weight, bn_bias, mean, rstd,
                                   ctx.stride, ctx.training)
@@ -212,7 +213,7 @@ def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_v
     fast = dispatch.eager_fast_path(x, weight, bn_weight, bn_bias, running_mean, running_var)
     mean, rstd = _normalisation(_eager_stats if fast else _triton_stats, x, weight, running_mean, running_var,
                                 training, momentum, eps, stride)
-    forward = _TritonFunction.apply if fast else _triton_forward
+    forward = _TritonDWConvFunction.apply if fast else _triton_forward
     y, sums = forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
     return (y, sums) if pool else y
 

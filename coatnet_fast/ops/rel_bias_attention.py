@@ -12,7 +12,6 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import ext
 from . import _checks, dispatch
@@ -147,7 +146,7 @@ def _backward(ctx, do, _dlse):
 torch.library.register_autograd("coatnet_fast::rel_bias_attention_triton", _backward, setup_context=_setup_context)
 
 
-class _TritonFunction(torch.autograd.Function):
+class _TritonAttentionFunction(torch.autograd.Function):
     """The eager path of the triton backend: the same launchers as the custom ops above,
     without their per-call dispatch cost (see ``dispatch.eager_fast_path``)."""
 
@@ -160,10 +159,10 @@ class _TritonFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do):
         from coatnet_fast.kernels.rel_bias_attention import rel_bias_attention_bwd
 
+        dispatch.no_double_backward(OP)
         q, k, v, table, o, lse = ctx.saved_tensors
         grads = rel_bias_attention_bwd(do, q, k, v, table, o, lse, ctx.window[0], ctx.window[1], ctx.scale)
         return *grads, None, None, None
@@ -181,7 +180,7 @@ def _autocast_qkv(q, k, v):
 def rel_bias_attention_triton(q, k, v, table, window, scale):
     q, k, v = _autocast_qkv(q, k, v)
     if dispatch.eager_fast_path(q, k, v, table):
-        return _TritonFunction.apply(q, k, v, table, window[0], window[1], scale)
+        return _TritonAttentionFunction.apply(q, k, v, table, window[0], window[1], scale)
     return _triton_forward(q, k, v, table, window[0], window[1], scale)[0]
 
 
