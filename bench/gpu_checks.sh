@@ -42,7 +42,7 @@ if stage ops; then
   timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:---tiles 32x64x8,64x64x4,64x64x8,32x32x4} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
   grep -E "^\{" "$OUT/bench_dwconv.txt" | cut -c1-260
   # Kernel time against host time per step, and each kernel's share: what to optimise next.
-  timeout "${PROFILE_TIMEOUT:-120}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1
+  timeout "${PROFILE_TIMEOUT:-180}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1
 fi
 if stage model; then
   timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,fused --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1

@@ -1,6 +1,7 @@
-"""Where the time of each fused op goes: GPU kernels, host-side dispatch, gaps.
+"""Where the time of each fused op, and of a CoAtNet-0 step, goes: GPU kernels, host, gaps.
 
-For every op, shape, provider and pass (forward, forward+backward) this records
+For every op (and ``model``: a training step and an inference forward of CoAtNet-0 on each
+backend), shape, provider and pass (forward, forward+backward) this records
 - ``host_us``: Python and launch time to issue one step, the GPU queue left to drain;
 - ``wall_us``: one step, back to back, synchronised at the end (no cache flush between steps);
 - ``kernel_us``: the sum of the GPU kernels of one step, from torch.profiler, and each kernel's
@@ -28,7 +29,7 @@ import bench_rel_bias_attention as attn_bench  # noqa: E402
 from _common import environment, write_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = ("rel_bias_attention", "dwconv_bn_gelu")
+OPS = ("rel_bias_attention", "dwconv_bn_gelu", "model")
 
 
 def _sync(device):
@@ -106,6 +107,41 @@ def dwconv_cases(args, device, dtype):
                     lambda fn=fn, t=training: torch.autograd.grad(fn(x, *params, *stats, t), inputs, grad_out)
 
 
+def model_cases(args, device, dtype):
+    """A CoAtNet-0 training step (forward, cross-entropy, backward) and an inference forward,
+    autocast to ``--dtype``, channels_last on a GPU: on eager and on each fused backend (the ops
+    it has; the rest eager). Its kernel list says which of the model's kernels the time is in."""
+    import torch.nn.functional as F
+
+    from coatnet_fast import benchmark
+
+    size = 64 if args.smoke else 224
+    settings = {"image_size": size, "smoke": args.smoke}
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    x = torch.randn(args.batch, 3, size, size, device=device).to(memory_format=memory_format)
+    target = torch.randint(0, 1000, (args.batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for backend in ["eager"] + benchmark.fused_backends():
+        net, _ = benchmark.build("eager" if backend == "eager" else f"backend:{backend}", "coatnet_0", settings)
+        net = net.to(device).to(memory_format=memory_format)
+
+        def train(net=net):
+            net.train()
+            with autocast:
+                loss = F.cross_entropy(net(x), target)
+            loss.backward()
+            net.zero_grad(set_to_none=True)
+
+        def infer(net=net):
+            net.eval()
+            with torch.inference_mode(), autocast:
+                net(x)
+
+        case = f"coatnet_0@{size} batch {args.batch}"
+        yield case, backend, "fwd", infer
+        yield case, backend, "fwd+bwd", train
+
+
 def _no_grad(fn, inputs):
     with torch.no_grad():
         return fn(*inputs)
@@ -137,7 +173,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "profile_ops", "env": environment(),
                "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}
     failed = False
-    makers = {"rel_bias_attention": attention_cases, "dwconv_bn_gelu": dwconv_cases}
+    makers = {"rel_bias_attention": attention_cases, "dwconv_bn_gelu": dwconv_cases, "model": model_cases}
     for op in ops:
         for case, provider, mode, step in makers[op](args, device, dtype):
             if wanted and provider not in wanted:

@@ -214,10 +214,11 @@ def test_profile_ops_smoke(tmp_path):
 
     out = tmp_path / "profile.json"
     providers = "eager,triton" if "triton" in dispatch.usable_backends("rel_bias_attention") else "eager"
-    assert profile_ops.main(["--smoke", "--providers", providers, "--out", str(out)]) == 0
+    ops = "rel_bias_attention,dwconv_bn_gelu"
+    assert profile_ops.main(["--smoke", "--ops", ops, "--providers", providers, "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     rows = payload["results"]
-    expected = {(op, p, m) for op in profile_ops.OPS for p in providers.split(",") for m in ("fwd", "fwd+bwd")}
+    expected = {(op, p, m) for op in ops.split(",") for p in providers.split(",") for m in ("fwd", "fwd+bwd")}
     assert {(r["op"], r["provider"], r["mode"]) for r in rows} == expected
     on_gpu = torch.cuda.is_available()
     for r in rows:
@@ -227,6 +228,19 @@ def test_profile_ops_smoke(tmp_path):
     assert payload["env"]["torch"] and payload["env"]["commit"]
     with pytest.raises(SystemExit):
         profile_ops.main(["--smoke", "--ops", "nope", "--out", str(out)])
+
+
+def test_profile_ops_model_smoke(tmp_path):
+    import profile_ops
+
+    out = tmp_path / "profile_model.json"
+    assert profile_ops.main(["--smoke", "--ops", "model", "--providers", "eager", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["op"], r["provider"], r["mode"]) for r in rows} == {("model", "eager", m) for m in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert "error" not in r and r["wall_us"] > 0 and r["top_cpu_ops"], r
+        names = {op["name"] for op in r["top_cpu_ops"]}
+        assert any("conv" in n or "mm" in n for n in names), names
 
 
 @pytest.mark.skipif("triton" not in dispatch.usable_backends("rel_bias_attention"), reason="needs the triton backend")
