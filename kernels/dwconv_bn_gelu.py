@@ -210,6 +210,19 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ, DW_PAR
 
 
 @triton.jit
+def _source_index(i, k, size_out, STRIDE: tl.constexpr):
+    """The output index whose tap k lands on input index i (along one axis), and whether there is
+    one. Where i + 1 - k < 0 the result is masked off, so that compiled (truncating) and
+    interpreted (flooring) division differ there is harmless."""
+    n = i + 1 - k
+    o = n // STRIDE
+    ok = (n >= 0) & (o < size_out)
+    if STRIDE == 2:
+        ok = ok & (n % 2 == 0)
+    return o, ok
+
+
+@triton.jit
 def _bwd_dx(DZ, WT, DX, sz_b, sz_c, sz_h, sz_w, sw_c, sw_h, sw_w, sdx_b, sdx_c, sdx_h, sdx_w,
             C, H, W, HO, WO,
             STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -227,19 +240,11 @@ def _bwd_dx(DZ, WT, DX, sz_b, sz_c, sz_h, sz_w, sw_c, sw_h, sw_w, sdx_b, sdx_c, 
         wi = offs_p % W
         acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         for ky in tl.static_range(3):
-            # ho: the output row whose tap ky lands on hi. Rows with hn < 0 are masked off, so that
-            # compiled (truncating) and interpreted (flooring) division differ there is harmless.
-            hn = hi + 1 - ky
-            ho = hn // STRIDE
-            h_ok = p_ok & (hn >= 0) & (ho < HO)
-            if STRIDE == 2:
-                h_ok = h_ok & (hn % 2 == 0)
+            ho, h_ok = _source_index(hi, ky, HO, STRIDE)
+            h_ok = h_ok & p_ok
             for kx in tl.static_range(3):
-                wn = wi + 1 - kx
-                wo = wn // STRIDE
-                ok = h_ok & (wn >= 0) & (wo < WO)
-                if STRIDE == 2:
-                    ok = ok & (wn % 2 == 0)
+                wo, w_ok = _source_index(wi, kx, WO, STRIDE)
+                ok = h_ok & w_ok
                 dz = tl.load(dz_image + (offs_c[None, :] * sz_c + (ho * sz_h + wo * sz_w)[:, None]),
                              mask=ok[:, None] & c_ok[None, :], other=0.0)
                 wv = tl.load(WT + offs_c * sw_c + ky * sw_h + kx * sw_w, mask=c_ok, other=0.0)
