@@ -2,19 +2,23 @@
 # What a lent GPU session runs, results under $OUT, in stages:
 #   setup   nvidia-smi, install from the checkout, build the C++/CUDA extension, info, verify
 #   test    the test suite's CUDA cases
-#   ops     the attention and depthwise-conv benchmarks, and a profile of their kernels
+#   ops     the attention and depthwise-conv benchmarks (backward paths, depthwise tiles)
+#   profile bench/profile_ops.py: host, wall and kernel time per step, kernel by kernel, for both
+#           ops and a CoAtNet-0 step on each backend (what to optimise next)
 #   model   the whole-model benchmark
 #   train   a short `coatnet-fast train` on the GPU defaults (bf16, channels_last)
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> STAGES="setup test" bash bench/gpu_checks.sh
-# STAGES defaults to all of them. One device call may run 600 s at most, so a session runs
-# two calls, e.g. STAGES="setup test" then STAGES="ops model train"; the extension's build
-# cache sits in the checkout (.ext_cache/, git-ignored), which the device keeps between calls.
+# STAGES defaults to all of them. One device call may run 600 s at most and a session has 900 s
+# of device time, start-up included, so a session runs two or three calls on the warm machine,
+# e.g. STAGES="setup ops" then STAGES="profile model test", with the stage limits below (or
+# the *_TIMEOUT variables) keeping each call under its timeout. The extension's build cache
+# sits in the checkout (.ext_cache/, git-ignored), which the device keeps between calls.
 # Each stage has its own time limit and writes its results as it goes, so a cut-off stage
 # still leaves the earlier ones under $OUT; narrow them with the *_ARGS variables.
 set -uo pipefail
 OUT=${OUT:-/tmp/coatnet_fast_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-setup test ops model train}
+STAGES=${STAGES:-setup test ops profile model train}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export COATNET_FAST_COMMIT=${COATNET_FAST_COMMIT:-unknown}
 export MAX_JOBS=${MAX_JOBS:-16} COATNET_FAST_EXT_DIR=${COATNET_FAST_EXT_DIR:-$PWD/.ext_cache} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -41,7 +45,8 @@ if stage ops; then
   grep -E "^\{" "$OUT/bench_attention.txt" | cut -c1-260
   timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:---tiles 32x64x8,64x64x4,64x64x8,32x32x4} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
   grep -E "^\{" "$OUT/bench_dwconv.txt" | cut -c1-260
-  # Kernel time against host time per step, and each kernel's share: what to optimise next.
+fi
+if stage profile; then
   timeout "${PROFILE_TIMEOUT:-180}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1
 fi
 if stage model; then
