@@ -110,13 +110,13 @@ def triton_device_reasons(t) -> List[str]:
 def eager_fast_path(*tensors) -> bool:
     """Whether a fused op may skip its torch.library custom op and run its autograd.Function.
 
-    A custom op costs about 50 us of Python per call in eager mode (argument normalisation,
-    the Python autograd wrapper, a redispatch), on top of the kernel launch; a forward and
-    backward pays it twice or more (bench/bench_dispatch_overhead.py). That is a sizeable share
-    of a window attention at N=49 (0.20 ms forward on an H200, host time included), so eager
-    calls take the plain autograd.Function over the same launchers. The
-    custom op stays the path torch.compile, export and fake or subclass tensors see (they need
-    its schema and fake kernel)."""
+    A custom op costs about 40 us of Python per call in eager mode on the 2-core development
+    CPU (argument normalisation, the Python autograd wrapper, a redispatch), on top of the
+    kernel launch; a forward and backward pays it twice or more (bench/bench_dispatch_overhead.py).
+    That is a sizeable share of a window attention at N=49 (0.20 ms forward on an H200, host
+    time included), so eager calls take the plain autograd.Function over the same launchers.
+    The custom op stays the path torch.compile, export and fake or subclass tensors see (they
+    need its schema and fake kernel)."""
     import torch
 
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
