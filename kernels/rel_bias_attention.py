@@ -356,6 +356,10 @@ def autotuning(t: torch.Tensor) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
+# (BLOCK_M, BLOCK_N, num_warps) on GPUs without autotuning, where a kernel differs from 32x64 at 4 warps.
+GPU_FIXED_TILES = {_bwd_dq_dbias: (32, 32, 8)}
+
+
 def _fixed(kernel, n: int, d: int, device: torch.device) -> dict:
     """Tiles when not autotuning. The CPU interpreter runs programs one by one, so it gets few,
     large tiles; GPUs get light tiles that keep several programs resident per SM (for the
@@ -363,9 +367,8 @@ def _fixed(kernel, n: int, d: int, device: torch.device) -> dict:
     cap = max(16, triton.next_power_of_2(n))
     if device.type == "cpu":
         return dict(BLOCK_M=min(64, cap), BLOCK_N=min(128 if d <= 64 else 64, cap), num_warps=4)
-    if kernel is _bwd_dq_dbias:
-        return dict(BLOCK_M=min(32, cap), BLOCK_N=min(32, cap), num_warps=8, num_stages=2)
-    return dict(BLOCK_M=min(32, cap), BLOCK_N=min(64, cap), num_warps=4, num_stages=2)
+    block_m, block_n, warps = GPU_FIXED_TILES.get(kernel, (32, 64, 4))
+    return dict(BLOCK_M=min(block_m, cap), BLOCK_N=min(block_n, cap), num_warps=warps, num_stages=2)
 
 
 # Tiles pinned per kernel (tests run every config of the tuning lists through this).

@@ -243,7 +243,6 @@ def test_profile_ops_model_smoke(tmp_path):
         assert any("conv" in n or "mm" in n for n in names), names
 
 
-@pytest.mark.skipif("triton" not in dispatch.usable_backends("rel_bias_attention"), reason="needs the triton backend")
 def test_bench_dispatch_overhead_smoke(tmp_path):
     import bench_dispatch_overhead
     from coatnet_fast.kernels import rel_bias_attention as attn_kernels
@@ -259,7 +258,6 @@ def test_bench_dispatch_overhead_smoke(tmp_path):
     assert attn_kernels.rel_bias_attention_fwd is launcher and dispatch.eager_fast_path.__module__ == dispatch.__name__
 
 
-@pytest.mark.skipif("triton" not in dispatch.usable_backends("rel_bias_attention"), reason="needs the triton backend")
 def test_bench_rel_bias_attention_times_both_backward_paths(tmp_path):
     """A small window is timed through the single-tile backward and, as ``triton@tiled``, the
     tiled one; the switch is put back afterwards."""
@@ -277,7 +275,6 @@ def test_bench_rel_bias_attention_times_both_backward_paths(tmp_path):
     assert all(r["correct"] for r in rows) and kernels.SMALL_N_MAX == default
 
 
-@pytest.mark.skipif("triton" not in dispatch.usable_backends("dwconv_bn_gelu"), reason="needs the triton backend")
 def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
     import bench_dwconv_bn_gelu
 
