@@ -80,12 +80,16 @@ def _out_shape(x: torch.Tensor, stride: int) -> tuple:
     return batch, channels, (height - 1) // stride + 1, (width - 1) // stride + 1
 
 
-@torch.library.custom_op("coatnet_fast::dwconv_bn_stats_triton", mutates_args=())
-def _triton_stats(x: torch.Tensor, weight: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _stats_kernels(x, weight, stride: int):
     """Channel mean and biased variance of the conv output over the batch, fp32 [C]."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     return kernels.batch_stats(x, weight, stride)
+
+
+@torch.library.custom_op("coatnet_fast::dwconv_bn_stats_triton", mutates_args=())
+def _triton_stats(x: torch.Tensor, weight: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _stats_kernels(x, weight, stride)
 
 
 @_triton_stats.register_fake
@@ -157,12 +161,6 @@ def _dw_backward(ctx, dy, dsums):
 torch.library.register_autograd("coatnet_fast::dwconv_bn_gelu_triton", _dw_backward, setup_context=_dw_setup_context)
 
 
-def _eager_stats(x, weight, stride):
-    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
-
-    return kernels.batch_stats(x, weight, stride)
-
-
 class _TritonDWConvFunction(torch.autograd.Function):
     """The eager path of the triton backend: the same launchers as the custom ops above,
     without their per-call dispatch cost (see ``dispatch.eager_fast_path``)."""
@@ -211,7 +209,7 @@ def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_v
                           pool=False):
     x = _autocast(x)
     fast = dispatch.eager_fast_path(x, weight, bn_weight, bn_bias, running_mean, running_var)
-    mean, rstd = _normalisation(_eager_stats if fast else _triton_stats, x, weight, running_mean, running_var,
+    mean, rstd = _normalisation(_stats_kernels if fast else _triton_stats, x, weight, running_mean, running_var,
                                 training, momentum, eps, stride)
     forward = _TritonDWConvFunction.apply if fast else _triton_forward
     y, sums = forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
