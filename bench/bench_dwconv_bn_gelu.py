@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import environment, write_json  # noqa: E402
-from bench_rel_bias_attention import bench_ms, copy_bandwidth  # noqa: E402
+from _common import add_speedups, copy_bandwidth, environment, relative_errors, report, timed_passes  # noqa: E402
+
 
 from coatnet_fast.ops import dispatch, dwconv_bn_gelu  # noqa: E402
 
@@ -112,47 +112,29 @@ def main(argv=None) -> int:
                     run_stats = [t.clone() for t in pristine]
                     out = fn(x, *params, *run_stats, training)
                     grads = torch.autograd.grad(out, inputs, grad_out)
-                    errors = {k: ((a.double() - b.double()).norm() / b.double().norm()).item()
-                              for k, a, b in zip(("out", "dx", "dweight", "dgamma", "dbeta"), (out,) + grads, ref)}
+                    errors = relative_errors(("out", "dx", "dweight", "dgamma", "dbeta"), (out,) + grads, ref)
                     if training:
-                        errors["running_mean"] = ((run_stats[0] - ref_stats[0]).norm() / ref_stats[0].norm()).item()
-                        errors["running_var"] = ((run_stats[1] - ref_stats[1]).norm() / ref_stats[1].norm()).item()
-                    ok = all(e <= tol for e in errors.values())
-                    for which in ("fwd", "fwd+bwd"):
-                        if which == "fwd":
-                            def step():
-                                with torch.no_grad():
-                                    fn(x, *params, *stats, training)
-                            moved = 2 * activation_bytes
-                        else:
-                            def step():
-                                o = fn(x, *params, *stats, training)
-                                torch.autograd.grad(o, inputs, grad_out)
-                            moved = 5 * activation_bytes
-                        median, low, high = bench_ms(step, device)
-                        gbps = moved / (median * 1e-3) / 1e9
-                        rows.append({"provider": name, "mode": mode, "pass": which, "ms": median, "ms_p20": low,
-                                     "ms_p80": high, "gbps": gbps, "fraction_of_copy_bandwidth": gbps / bandwidth,
-                                     "correct": ok, "rel_errors": errors})
+                        errors.update(relative_errors(("running_mean", "running_var"), run_stats, ref_stats))
+
+                    def forward():
+                        with torch.no_grad():
+                            fn(x, *params, *stats, training)
+
+                    def forward_backward():
+                        torch.autograd.grad(fn(x, *params, *stats, training), inputs, grad_out)
+
+                    # Fewest bytes: x read and y written forward; dy read and dx written backward.
+                    moved = {"fwd": 2 * activation_bytes, "fwd+bwd": 5 * activation_bytes}
+                    rows += timed_passes(forward, forward_backward, moved, bandwidth, device, provider=name,
+                                         mode=mode, correct=all(e <= tol for e in errors.values()),
+                                         rel_errors=errors)
                 except Exception as e:  # a provider that cannot run is reported, not fatal
                     traceback.print_exc()
                     rows.append({"provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
             use_tiles("")
-            for which in ("fwd", "fwd+bwd"):
-                timed = [r for r in rows if r.get("pass") == which and r["correct"]]
-                base = {r["provider"]: r["ms"] for r in timed}
-                for r in timed:
-                    if "eager" in base:
-                        r["speedup_vs_eager"] = base["eager"] / r["ms"]
-                    if "compile" in base:
-                        r["speedup_vs_compile"] = base["compile"] / r["ms"]
-            for r in rows:
-                r.update(shape=label, batch=args.batch, dtype=args.dtype, layout="channels_last")
-                failed |= r.get("correct") is False and r["provider"].split("@")[0] in dispatch.BACKENDS
-                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "rel_errors"},
-                      flush=True)
-            payload["results"] += rows
-            write_json(out_path, payload)
+            add_speedups(rows)
+            failed |= report(rows, payload, out_path, shape=label, batch=args.batch, dtype=args.dtype,
+                             layout="channels_last")
     print(f"wrote {out_path}")
     return 1 if failed else 0
 

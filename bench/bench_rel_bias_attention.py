@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import environment, write_json  # noqa: E402
+from _common import bench_ms, copy_bandwidth, environment, write_json  # noqa: E402
 
 from coatnet_fast.models.registry import MODEL_CONFIGS  # noqa: E402
 from coatnet_fast.ops import dispatch, rel_bias_attention, relative_position_index  # noqa: E402
@@ -130,33 +129,6 @@ def use_backward_path(provider: str) -> None:
 
 
 _DEFAULT_SMALL_N_MAX: dict = {}  # the kernels module's own value, read before the first change
-
-
-def bench_ms(fn, device, warmup=10, rep=50):
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    times = []
-    for i in range(3 + 3):
-        t0 = time.perf_counter()
-        fn()
-        if i >= 3:
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return [times[len(times) // 2], times[0], times[-1]]
-
-
-def copy_bandwidth(device) -> float:
-    """Measured device-to-device copy, bytes read + written per second."""
-    if device.type != "cuda":
-        return float("nan")
-    import triton.testing
-
-    x = torch.empty(2**30 // 2, dtype=torch.float16, device=device)
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=5, rep=50)
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
 
 
 def run_case(name, fn, inputs, grad_out, window, ref, device, batch, heads, d, dtype, tol):

@@ -2,8 +2,8 @@
 # What a lent GPU session runs, results under $OUT, in stages:
 #   setup   nvidia-smi, install from the checkout, build the C++/CUDA extension, info, verify
 #   test    the test suite's CUDA cases
-#   ops     the attention and depthwise-conv benchmarks (backward paths, depthwise tiles)
-#   profile bench/profile_ops.py: host, wall and kernel time per step, kernel by kernel, for both
+#   ops     the attention, depthwise-conv and batch_norm_act benchmarks (backward paths, depthwise tiles)
+#   profile bench/profile_ops.py: host, wall and kernel time per step, kernel by kernel, for the three
 #           ops and a CoAtNet-0 step on each backend (what to optimise next)
 #   model   the whole-model benchmark
 #   train   a short `coatnet-fast train` on the GPU defaults (bf16, channels_last)
@@ -37,7 +37,7 @@ fi
 if stage test; then
   # CI runs the CPU tests; here, the CUDA cases and the tests that pick the GPU themselves.
   if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a pytest_args <<< "$PYTEST_ARGS"
-  else pytest_args=(tests -k "cuda or offsets_past or strided_views or squeeze"); fi
+  else pytest_args=(tests -k "cuda or offsets_past or strided_views or squeeze or projection_residual"); fi
   timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 fi
 if stage ops; then
@@ -45,12 +45,14 @@ if stage ops; then
   grep -E "^\{" "$OUT/bench_attention.txt" | cut -c1-260
   timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:---tiles 32x64x8,64x64x4,64x64x8,32x32x4} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
   grep -E "^\{" "$OUT/bench_dwconv.txt" | cut -c1-260
+  timeout "${BNA_TIMEOUT:-100}" python3 bench/bench_batch_norm_act.py ${BNA_ARGS:-} --out "$OUT/batch_norm_act_gpu.json" > "$OUT/bench_batch_norm_act.txt" 2>&1 || status=1
+  grep -E "^\{" "$OUT/bench_batch_norm_act.txt" | cut -c1-260
 fi
 if stage profile; then
   timeout "${PROFILE_TIMEOUT:-180}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1
 fi
 if stage model; then
-  timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,fused --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
+  timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,fused,backend:triton:no-batch_norm_act --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
 fi
 if stage train; then
   timeout "${TRAIN_TIMEOUT:-90}" python3 -m coatnet_fast train ${TRAIN_ARGS:---epochs 5 --backend auto --no-progress} --out "$OUT/train_digits" 2>&1 | tee "$OUT/train.txt" | tail -5 || status=1

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import bench_batch_norm_act as bna_bench  # noqa: E402
 import bench_dwconv_bn_gelu as dw_bench  # noqa: E402
 import bench_rel_bias_attention as attn_bench  # noqa: E402
 from _common import environment, write_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = ("rel_bias_attention", "dwconv_bn_gelu", "model")
+OPS = ("rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act", "model")
 
 
 def _sync(device):
@@ -107,6 +108,23 @@ def dwconv_cases(args, device, dtype):
                     lambda fn=fn, t=training: torch.autograd.grad(fn(x, *params, *stats, t), inputs, grad_out)
 
 
+def batch_norm_act_cases(args, device, dtype):
+    shapes = ([("smoke 8x8 C16", part, 8, 8, 16) for part in ("expand", "projection")] if args.smoke
+              else bna_bench.SHAPES)
+    for label, part, height, width, channels in shapes:
+        x, params, stats, residual, branch_scale, grad_out = bna_bench.make_inputs(
+            args.batch, channels, height, width, dtype, device, part == "projection")
+        inputs = [x] + params + ([residual] if residual is not None else [])
+        for name, fn in bna_bench.providers(device).items():
+            if name == "compile":
+                continue
+            for mode in ("train", "eval"):
+                call = [x, *params, *stats, mode == "train", residual, branch_scale]
+                yield f"{label} {part} {mode}", name, "fwd", lambda fn=fn, call=call: _no_grad(fn, call)
+                yield f"{label} {part} {mode}", name, "fwd+bwd", \
+                    lambda fn=fn, call=call: torch.autograd.grad(fn(*call), inputs, grad_out)
+
+
 def model_cases(args, device, dtype):
     """A CoAtNet-0 training step (forward, cross-entropy, backward) and an inference forward,
     autocast to ``--dtype``, channels_last on a GPU: on eager and on each fused backend (the ops
@@ -173,7 +191,8 @@ def main(argv=None) -> int:
     payload = {"benchmark": "profile_ops", "env": environment(),
                "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}
     failed = False
-    makers = {"rel_bias_attention": attention_cases, "dwconv_bn_gelu": dwconv_cases, "model": model_cases}
+    makers = {"rel_bias_attention": attention_cases, "dwconv_bn_gelu": dwconv_cases,
+              "batch_norm_act": batch_norm_act_cases, "model": model_cases}
     for op in ops:
         for case, provider, mode, step in makers[op](args, device, dtype):
             if wanted and provider not in wanted:

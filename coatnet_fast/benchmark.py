@@ -8,6 +8,8 @@ model in ``--models``, these providers:
   timm                  timm's coatnet_0_rw_224 (CoAtNet-0 only; when timm can be imported)
   fused                 backend:<b> and backend:<b>:compile for every fused backend usable here
   backend:<b>[:compile] the reference model with the ops <b> has kernels for on <b>
+  backend:<b>[:compile]:no-<op>  the same with <op> left on eager (repeatable), to measure
+                        what one fusion is worth in the model
 
 A training step is autocast forward, cross-entropy, backward and AdamW (fused on CUDA);
 inference is a forward under torch.inference_mode. On a GPU the default is the issue's
@@ -258,27 +260,42 @@ def expand_providers(requested: Sequence[str], model: str, smoke: bool) -> Tuple
 
 def parse_provider(provider: str) -> Tuple[str, Optional[str], bool]:
     """(source, backend, compiled): source is "reference" or "timm"."""
+    source, backend, compiled, _ = _parse_provider(provider)
+    return source, backend, compiled
+
+
+def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]:
+    """parse_provider's answer and the ops a ``backend:<b>[:compile][:no-<op>...]`` provider
+    leaves on eager (to measure what one fusion is worth inside the model)."""
     if provider == "eager":
-        return "reference", None, False
+        return "reference", None, False, []
     if provider == "compile":
-        return "reference", None, True
+        return "reference", None, True, []
     if provider == "timm":
-        return "timm", None, False
+        return "timm", None, False, []
     parts = provider.split(":")
-    if parts[0] == "backend" and len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "compile"):
+    if parts[0] == "backend" and len(parts) >= 2:
         if parts[1] not in dispatch.BACKENDS:
             raise ProviderError(f"unknown backend {parts[1]!r} in provider {provider!r}; backends: "
                                 f"{', '.join(dispatch.BACKENDS)}")
-        return "reference", parts[1], len(parts) == 3
+        options = parts[2:]
+        compiled = options[:1] == ["compile"]
+        excluded = [o[len("no-"):] for o in options[int(compiled):]]
+        if all(o.startswith("no-") for o in options[int(compiled):]):
+            unknown = [op for op in excluded if op not in dispatch.ops()]
+            if unknown:
+                raise ProviderError(f"unknown op {unknown[0]!r} in provider {provider!r}; ops: "
+                                    f"{', '.join(dispatch.ops())}")
+            return "reference", parts[1], compiled, excluded
     raise ProviderError(f"unknown provider {provider!r}; choose eager, compile, timm, fused, "
-                        f"backend:<name> or backend:<name>:compile with name in {', '.join(dispatch.BACKENDS)}")
+                        f"backend:<name>[:compile][:no-<op>...] with name in {', '.join(dispatch.BACKENDS)}")
 
 
 # --- measuring ------------------------------------------------------------------------------
 
 def build(provider: str, model: str, settings: dict) -> Tuple[torch.nn.Module, List[str]]:
     """The module a provider times, and the fused ops it routes to its backend."""
-    source, backend, _ = parse_provider(provider)
+    source, backend, _, excluded = _parse_provider(provider)
     if source == "timm":
         import timm
 
@@ -291,7 +308,7 @@ def build(provider: str, model: str, settings: dict) -> Tuple[torch.nn.Module, L
     if backend is None:
         return net, []
     # The ops this backend has kernels for; the others stay on eager.
-    ops = [op for op in dispatch.ops() if not dispatch.why_not(op, backend)]
+    ops = [op for op in dispatch.ops() if not dispatch.why_not(op, backend) and op not in excluded]
     if not ops:
         why = "; ".join(f"{op}: {', '.join(dispatch.why_not(op, backend))}" for op in dispatch.ops())
         raise ProviderError(f"backend {backend!r} can run none of the fused ops here ({why})")

@@ -15,6 +15,7 @@ import torch
 
 from .models import CoAtNet, set_backend
 from .ops import dispatch
+from .ops.batch_norm_act import batch_norm_act
 from .ops.dwconv_bn_gelu import dwconv_bn_gelu
 from .ops.rel_bias_attention import rel_bias_attention, table_rows
 
@@ -189,6 +190,45 @@ def verify_model(backend: str, dtype: torch.dtype, device: torch.device) -> List
     return results
 
 
+BATCH_NORM_ACT_CASES = (
+    # name, shape [B, C, H, W], training, gelu (else residual and drop-path scale), channels_last
+    ("9x7 C6 expand train", (2, 6, 9, 7), True, True, False),
+    ("9x7 C6 projection train NHWC", (3, 6, 9, 7), True, False, True),
+    ("8x8 C5 projection eval", (2, 5, 8, 8), False, False, False),
+)
+
+
+def verify_batch_norm_act(backend: str, dtype: torch.dtype, device: torch.device) -> List[Result]:
+    results = []
+    for name, shape, training, gelu, channels_last in BATCH_NORM_ACT_CASES:
+        g = torch.Generator(device="cpu").manual_seed(2)
+        c = shape[1]
+        x64, res64 = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+        gamma = 1 + 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
+        beta = 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
+        mean = 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
+        var = 0.5 + torch.rand(c, generator=g, dtype=torch.float64)
+        scale = torch.tensor([0.0] + [1.25] * (shape[0] - 1), dtype=torch.float64)
+        grad_out = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+
+        def run(dt, op_backend):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            x, res = (t.to(device, dt).contiguous(memory_format=fmt).requires_grad_(True) for t in (x64, res64))
+            params = [t.to(device, dt).requires_grad_(True) for t in (gamma, beta)]
+            rm, rv = mean.to(device, dt), var.to(device, dt)
+            extra = {} if gelu else dict(residual=res, branch_scale=scale.to(device, dt))
+            out = batch_norm_act(x, *params, rm, rv, training=training, activation="gelu" if gelu else "identity",
+                                 backend=op_backend, **extra)
+            return [out] + _grads(out, grad_out, [x] + params + ([] if gelu else [res])) + [rm, rv]
+
+        names = ("out", "dx", "dbn_weight", "dbn_bias") + (() if gelu else ("dresidual",)) + ("running_mean",
+                                                                                               "running_var")
+        err, worst = _worst(zip(names, run(dtype, backend), run(torch.float64, "eager")))
+        results.append(Result("batch_norm_act", backend, str(dtype).replace("torch.", ""), name, err, worst,
+                              TOLERANCE[dtype]))
+    return results
+
+
 def run_verify(device: Optional[str] = None, dtypes: Optional[List[torch.dtype]] = None,
                backends: Optional[List[str]] = None, notes: Optional[List[str]] = None) -> List[Result]:
     """Run the checks; ``backends`` narrows them (default: all usable). Combinations that
@@ -200,7 +240,8 @@ def run_verify(device: Optional[str] = None, dtypes: Optional[List[torch.dtype]]
     wanted = list(backends or dispatch.BACKENDS)
     results: List[Result] = []
     with exact_fp32():
-        for op, verify_op in (("rel_bias_attention", verify_rel_bias_attention), ("dwconv_bn_gelu", verify_dwconv_bn_gelu)):
+        for op, verify_op in (("rel_bias_attention", verify_rel_bias_attention), ("dwconv_bn_gelu", verify_dwconv_bn_gelu),
+                              ("batch_norm_act", verify_batch_norm_act)):
             for backend in wanted:
                 why = dispatch.why_not(op, backend)
                 if why:

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-INV_SQRT2 = tl.constexpr(0.7071067811865476)
-INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+from ._common import chan_merge, gelu, gelu_grad, merge_stats
+
 
 
 @triton.jit
@@ -77,15 +77,7 @@ def _stats(X, WT, MEAN, M2,
         p_ok = offs_p < P
         z = _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
                        H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
-        n = tl.sum(p_ok.to(tl.float32), 0)
-        chunk_mean = tl.sum(tl.where(p_ok[:, None], z, 0.0), 0) / n
-        dev = tl.where(p_ok[:, None], z - chunk_mean[None, :], 0.0)
-        chunk_m2 = tl.sum(dev * dev, 0)
-        total = count + n
-        delta = chunk_mean - mean
-        mean += delta * (n / total)
-        m2 += chunk_m2 + delta * delta * (count * n / total)
-        count = total
+        count, mean, m2 = chan_merge(count, mean, m2, z, p_ok)
     tl.store(MEAN + b * C + offs_c, mean, mask=c_ok)
     tl.store(M2 + b * C + offs_c, m2, mask=c_ok)
 
@@ -111,7 +103,7 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
         if HAS_SCALE:
             u = u * scale[None, :]
         u = u + shift[None, :]
-        y = 0.5 * u * (1.0 + tl.erf(u * INV_SQRT2))
+        y = gelu(u)
         ok = p_ok[:, None] & c_ok[None, :]
         ho = offs_p // WO
         wo = offs_p % WO
@@ -144,8 +136,7 @@ def _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c,
                  mask=ok, other=0.0).to(tl.float32)
     if HAS_DPOOL:  # the SE pool's gradient reaches every position of its image equally
         dy += tl.load(DPOOL + b * C + offs_c, mask=c_ok, other=0.0)[None, :] * inv_p
-    dgelu = 0.5 * (1.0 + tl.erf(u * INV_SQRT2)) + u * tl.exp(-0.5 * u * u) * INV_SQRT_2PI
-    du = tl.where(ok, dy * dgelu, 0.0)
+    du = tl.where(ok, dy * gelu_grad(u), 0.0)
     return du, xhat, gamma, rstd
 
 
@@ -311,10 +302,7 @@ def batch_stats(x, weight, stride: int):
         channels, height, width, wo, ho * wo,
         STRIDE=stride, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
-    # Chan's merge of equal-count groups (one per image), in deviation form.
-    mean = means.mean(0)
-    m2 = m2s.sum(0) + (ho * wo) * (means - mean).square().sum(0)
-    return mean, m2 / (batch * ho * wo)
+    return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo)
 
 
 def apply(x, weight, scale, shift, stride: int, pool: bool):

@@ -15,15 +15,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import coatnet_fast  # noqa: F401  (serves coatnet_fast.kernels from a checkout)
+from coatnet_fast.kernels import _common as common
+from coatnet_fast.kernels import batch_norm_act as bna
 from coatnet_fast.kernels import dwconv_bn_gelu as dw
 from coatnet_fast.kernels import rel_bias_attention as attn
 
 TARGET = GPUTarget("cuda", 90, 32)
 FP32_POINTERS = {"T", "LSE", "DELTA", "DQ_ACC", "DBIAS", "DT", "WT", "SCALE", "SHIFT", "POOL", "MEAN", "M2", "RSTD",
                  "GAMMA", "BETA", "SUM_DU", "SUM_DU_XHAT", "DBETA", "DGAMMA", "DPOOL",
-                 "DW_PARTIAL"}
+                 "DW_PARTIAL", "OUT_MEAN", "OUT_VAR"}
 FLOATS = {"scale", "inv_p", "inv_count"}
-SIZES = {"N", "H", "W", "C", "P", "R", "HO", "WO"}  # upper-case scalars; other upper-case names are pointers
+SIZES = {"N", "H", "W", "C", "P", "R", "HO", "WO", "P_SPLIT", "G", "S"}  # upper-case scalars; other upper-case names are pointers
 
 
 def signature(kernel, act, constexprs):
@@ -39,6 +41,7 @@ def signature(kernel, act, constexprs):
 
 
 def cases():
+    yield common._merge_stats, "fp32", dict(BLOCK_G=64, BLOCK_C=32), dict(num_warps=4)  # fp32 partials only
     for act in ("bf16", "fp16", "fp32"):
         ieee = act == "fp32"
         for kernel, configs in ((attn._fwd, attn.FWD_CONFIGS), (attn._bwd_dkdv, attn.DKDV_CONFIGS),
@@ -69,6 +72,14 @@ def cases():
                     yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), w
                     yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=flag), w
                     yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), w
+            block_p, block_c, warps = bna._blocks(x, 384)
+            tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
+            yield bna._stats, act, tiles, w
+            for gelu in (True, False):  # MBConv's expand (GELU) and projection (scale, residual)
+                yield bna._apply, act, dict(tiles, GELU=gelu, HAS_RES=not gelu, HAS_BSCALE=not gelu), w
+                yield bna._bwd_reduce, act, dict(tiles, GELU=gelu, HAS_BSCALE=not gelu), w
+                for training in (True, False):
+                    yield bna._bwd_dx, act, dict(tiles, GELU=gelu, HAS_BSCALE=not gelu, TRAINING=training), w
 
 
 def main() -> int:

@@ -40,19 +40,31 @@ def dwconv_bn_gelu_reference(x, weight, gamma, beta, running_mean, running_var, 
         for kx in range(3):
             patch = xp[:, :, ky: ky + stride * (ho - 1) + 1: stride, kx: kx + stride * (wo - 1) + 1: stride]
             y = y + patch * weight[:, 0, ky, kx].view(1, c, 1, 1)
+    return batch_norm_act_reference(y, gamma, beta, running_mean, running_var, training, momentum, eps, gelu=True)
+
+
+def batch_norm_act_reference(x, gamma, beta, running_mean, running_var, training, momentum, eps, gelu,
+                             residual=None, branch_scale=None):
+    """Returns (out, new_running_mean, new_running_var)."""
+    b, c, h, w = x.shape
     if training:
-        count = b * ho * wo
-        mean = y.mean(dim=(0, 2, 3))
-        var = ((y - mean.view(1, c, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+        count = b * h * w
+        mean = x.sum(dim=(0, 2, 3)) / count
+        var = ((x - mean.view(1, c, 1, 1)) ** 2).sum(dim=(0, 2, 3)) / count
         new_mean = (1 - momentum) * running_mean + momentum * mean.detach()
         new_var = (1 - momentum) * running_var + momentum * var.detach() * count / (count - 1)
     else:
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
-    yn = (y - mean.view(1, c, 1, 1)) / torch.sqrt(var.view(1, c, 1, 1) + eps)
-    yn = yn * gamma.view(1, c, 1, 1) + beta.view(1, c, 1, 1)
-    out = 0.5 * yn * (1 + torch.erf(yn / math.sqrt(2)))
-    return out, new_mean, new_var
+    y = (x - mean.view(1, c, 1, 1)) / torch.sqrt(var.view(1, c, 1, 1) + eps)
+    y = y * gamma.view(1, c, 1, 1) + beta.view(1, c, 1, 1)
+    if gelu:
+        y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+    if branch_scale is not None:
+        y = y * branch_scale.view(b, 1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    return y, new_mean, new_var
 
 
 def relative_error(actual, expected):

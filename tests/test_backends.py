@@ -4,7 +4,7 @@ import torch
 
 import coatnet_fast
 from coatnet_fast import BackendUnavailableError, CoAtNet, get_backend, set_backend
-from coatnet_fast.models import Attention, DWConvBNGELU
+from coatnet_fast.models import Attention, DWConvBNGELU, PointwiseConvBN
 from coatnet_fast.ops import dispatch, dwconv_bn_gelu, rel_bias_attention
 from coatnet_fast.ops.rel_bias_attention import rel_bias_attention_eager, table_rows
 
@@ -26,10 +26,14 @@ def attention_inputs(n_window=(3, 3)):
 
 
 def test_every_op_has_every_backend_entry_and_eager_is_usable():
-    assert set(dispatch.ops()) == {"rel_bias_attention", "dwconv_bn_gelu"}
+    assert set(dispatch.ops()) == {"rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act"}
     for op in dispatch.ops():
         assert set(dispatch._TABLE[op]) == set(dispatch.BACKENDS)
         assert "eager" in dispatch.usable_backends(op)
+    # The one documented gap: the extension has no batch_norm_act kernel, and says so.
+    assert [(op, b) for op in dispatch.ops() for b in dispatch.BACKENDS if not dispatch.implemented(op, b)] == [
+        ("batch_norm_act", "ext")]
+    assert dispatch.why_not("batch_norm_act", "ext") == ["no implementation registered"]
 
 
 def test_auto_prefers_the_first_capable_backend(table_snapshot):
@@ -83,8 +87,7 @@ def test_register_rejects_unknown_backend():
 def test_set_backend_swaps_every_fusable_module_and_back(table_snapshot):
     # Stand-ins for the fused backends: the eager maths, recording that they ran.
     calls = []
-    for op, eager in (("rel_bias_attention", dispatch._TABLE["rel_bias_attention"]["eager"].impl),
-                      ("dwconv_bn_gelu", dispatch._TABLE["dwconv_bn_gelu"]["eager"].impl)):
+    for op, eager in ((op, dispatch._TABLE[op]["eager"].impl) for op in dispatch.ops()):
         def impl(*args, _op=op, _eager=eager, **kwargs):
             calls.append(_op)
             return _eager(*args, **kwargs)
@@ -98,14 +101,39 @@ def test_set_backend_swaps_every_fusable_module_and_back(table_snapshot):
     assert calls == []
     assert set_backend(model, "triton") is model and get_backend(model) == "triton"
     assert list(model.state_dict()) == keys
-    assert all(m.backend == "triton" for m in model.modules() if isinstance(m, (Attention, DWConvBNGELU)))
+    fusable = (Attention, DWConvBNGELU, PointwiseConvBN)
+    assert all(m.backend == "triton" for m in model.modules() if isinstance(m, fusable))
     assert torch.equal(model(x), expected)
     n_attn = sum(isinstance(m, Attention) for m in model.modules())
     n_dw = sum(isinstance(m, DWConvBNGELU) for m in model.modules())
-    assert sorted(calls) == sorted(["rel_bias_attention"] * n_attn + ["dwconv_bn_gelu"] * n_dw)
+    n_pw = sum(isinstance(m, PointwiseConvBN) for m in model.modules())
+    assert n_pw == 2 * n_dw > 0  # each MBConv's expand and projection
+    assert sorted(calls) == sorted(["rel_bias_attention"] * n_attn + ["dwconv_bn_gelu"] * n_dw
+                                   + ["batch_norm_act"] * n_pw)
     calls.clear()
     set_backend(model, "eager")
     assert get_backend(model) == "eager" and torch.equal(model(x), expected) and calls == []
+
+
+def test_set_backend_keeps_the_ops_a_backend_lacks_on_eager(table_snapshot):
+    """The extension has no batch_norm_act kernel: set_backend(model, "ext") moves the other
+    fusable modules, keeps the 1x1 conv + BatchNorm modules on eager, and get_backend still
+    says "ext" (stand-ins for the extension record that they ran)."""
+    calls = []
+    for op in ("rel_bias_attention", "dwconv_bn_gelu"):
+        def impl(*args, _op=op, _eager=dispatch._TABLE[op]["eager"].impl, **kwargs):
+            calls.append(_op)
+            return _eager(*args, **kwargs)
+        dispatch.register(op, "ext", impl)
+    model = CoAtNet(**SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    assert set_backend(model, "ext") is model and get_backend(model) == "ext"
+    assert {m.backend for m in model.modules() if isinstance(m, PointwiseConvBN)} == {"eager"}
+    assert {m.backend for m in model.modules() if isinstance(m, (Attention, DWConvBNGELU))} == {"ext"}
+    assert torch.equal(model(x), expected) and set(calls) == {"rel_bias_attention", "dwconv_bn_gelu"}
+    model.s1[0].block.pro_conv.backend = "triton"
+    assert get_backend(model) == "mixed"
 
 
 @pytest.mark.parametrize("backend", ["triton", "ext"])

@@ -200,6 +200,20 @@ def test_bench_dwconv_bn_gelu_smoke(tmp_path):
     assert payload["env"]["torch"] and payload["env"]["commit"]
 
 
+def test_bench_batch_norm_act_smoke(tmp_path):
+    import bench_batch_norm_act
+
+    out = tmp_path / "bna.json"
+    assert bench_batch_norm_act.main(["--smoke", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    rows = payload["results"]
+    assert {(r["part"], r["mode"], r["pass"]) for r in rows} == {
+        (part, mode, which) for part in ("expand", "projection") for mode in ("train", "eval")
+        for which in ("fwd", "fwd+bwd")}
+    assert all(r["correct"] and r["gbps"] > 0 for r in rows)
+    assert {r["provider"] for r in rows} >= {"eager"} | ({"triton"} if dispatch.triton_available() is None else set())
+
+
 def test_bench_rel_bias_attention_smoke(tmp_path):
     import bench_rel_bias_attention
 
@@ -214,7 +228,7 @@ def test_profile_ops_smoke(tmp_path):
 
     out = tmp_path / "profile.json"
     providers = "eager,triton" if "triton" in dispatch.usable_backends("rel_bias_attention") else "eager"
-    ops = "rel_bias_attention,dwconv_bn_gelu"
+    ops = "rel_bias_attention,dwconv_bn_gelu,batch_norm_act"
     assert profile_ops.main(["--smoke", "--ops", ops, "--providers", providers, "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     rows = payload["results"]
@@ -285,3 +299,21 @@ def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {r["provider"] for r in rows} >= {"triton", "triton@16x16x2"}
     assert all(r["correct"] for r in rows if "correct" in r) and kernels.FORCED_TILES is None
+
+
+def test_a_provider_can_leave_one_fusion_on_eager():
+    """backend:<b>[:compile]:no-<op> measures the model without one fused op (what a fusion is
+    worth); the names are checked."""
+    from coatnet_fast.models import PointwiseConvBN
+
+    settings = dict(image_size=64, smoke=True)
+    assert benchmark.parse_provider("backend:triton:compile:no-batch_norm_act") == ("reference", "triton", True)
+    net, ops = benchmark.build("backend:triton:no-batch_norm_act", "coatnet_0", settings)
+    if dispatch.triton_available() is None:
+        assert ops == [op for op in dispatch.ops() if op != "batch_norm_act"]
+        assert {m.backend for m in net.modules() if isinstance(m, PointwiseConvBN)} == {"eager"}
+    for bad, message in (("backend:triton:no-nope", "unknown op 'nope'"),
+                         ("backend:triton:fast", "unknown provider"),
+                         ("backend:triton:no-batch_norm_act:compile", "unknown provider")):
+        with pytest.raises(benchmark.ProviderError, match=message):
+            benchmark.parse_provider(bad)

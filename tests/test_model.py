@@ -360,3 +360,44 @@ def test_mbconv_takes_se_squeeze_from_the_fused_kernel(backend, monkeypatch):
     out, expected = fused(x), block(x)
     assert calls == [True]
     assert relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if not dispatch.why_not("batch_norm_act", b)])
+def test_mbconv_fuses_the_projection_residual_and_drop_path(backend, monkeypatch):
+    """On a fused backend MBConv's projection BatchNorm takes the stochastic-depth scale and the
+    residual add (one batch_norm_act call with both), and its expand BatchNorm the GELU; with
+    the same RNG state the block draws the same per-sample mask as eager and matches it,
+    gradients and running statistics included."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = []
+    entry = dispatch._TABLE["batch_norm_act"][backend]
+
+    def spy(*args):
+        calls.append((args[8], args[9] is not None, args[10] is not None))  # activation, residual, scale
+        return entry.impl(*args)
+
+    monkeypatch.setitem(dispatch._TABLE["batch_norm_act"], backend,
+                        dispatch.OpBackend(entry.op, backend, spy, entry.available, entry.reasons))
+    for downsample in (True, False):
+        block = randomize(MBConv(12, 12, (8, 8), downsample=downsample, drop_path_rate=0.5)).to(device)
+        fused = set_backend(copy.deepcopy(block), backend, ["batch_norm_act"])
+        x = torch.randn(8, 12, 16 if downsample else 8, 16 if downsample else 8, device=device)
+        x_fused = x.clone().requires_grad_(True)
+        x.requires_grad_(True)
+        torch.manual_seed(3)
+        expected = block(x)
+        torch.manual_seed(3)
+        calls.clear()
+        out = fused(x_fused)
+        assert calls == [("gelu", False, False), ("identity", True, True)]
+        assert relative_error(out, expected) < 1e-5
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        expected.backward(grad_out)
+        assert relative_error(x_fused.grad, x.grad) < 1e-4
+        params = dict(block.named_parameters())
+        for name, p in fused.named_parameters():
+            assert relative_error(p.grad, params[name].grad) < 1e-4, name
+        buffers = dict(block.named_buffers())
+        for name, b in fused.named_buffers():
+            assert relative_error(b.float(), buffers[name].float()) < 1e-5, name

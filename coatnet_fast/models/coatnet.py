@@ -22,7 +22,7 @@ from einops import rearrange
 
 from ..ops import dispatch
 from ..ops.rel_bias_attention import rel_bias_attention, relative_position_index
-from .layers import DWConvBNGELU, FusedOpModule, drop_path, set_backend
+from .layers import DWConvBNGELU, FusedOpModule, PointwiseConvBN, drop_path, drop_path_scale, set_backend
 
 
 def conv_3x3_bn(in_c, out_c, image_size, downsample=False, **_unused):
@@ -75,30 +75,23 @@ class MBConv(nn.Module):
             )
 
         layers = OrderedDict()
-        layers["expand_conv"] = nn.Sequential(
-            nn.Conv2d(in_c, hidden_dim, 1, stride, 0, bias=False),
-            nn.BatchNorm2d(hidden_dim),
-            nn.GELU(),
-        )
+        layers["expand_conv"] = PointwiseConvBN(in_c, hidden_dim, stride, gelu=True)  # 1x1 conv, BN, GELU
         layers["dw_conv"] = DWConvBNGELU(hidden_dim)
         layers["se"] = SE(in_c, hidden_dim)
-        layers["pro_conv"] = nn.Sequential(
-            nn.Conv2d(hidden_dim, out_c, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(out_c),
-        )
+        layers["pro_conv"] = PointwiseConvBN(hidden_dim, out_c, gelu=False)  # 1x1 conv, BN
         self.block = nn.Sequential(layers)
 
     def forward(self, x):
         shortcut = self.downsample_layer(x) if self.downsample else x
-        return shortcut + drop_path(self._branch(x), self.drop_path_rate, self.training)
-
-    def _branch(self, x):
         blk = self.block
-        if blk.dw_conv.backend == "eager":
-            return blk(x)  # the seed's Sequential, op for op
-        # Fused backends hand SE its squeeze from the depthwise kernel's epilogue.
+        if blk.dw_conv.backend == "eager" and blk.pro_conv.backend == "eager":
+            # The seed's Sequential, op for op.
+            return shortcut + drop_path(blk(x), self.drop_path_rate, self.training)
+        # Fused backends hand SE its squeeze from the depthwise kernel's epilogue, and add the
+        # residual in the projection's BatchNorm pass.
         h, squeezed = blk.dw_conv.forward_pooled(blk.expand_conv(x))
-        return blk.pro_conv(blk.se.excite(h, squeezed))
+        h = blk.se.excite(h, squeezed)
+        return blk.pro_conv(h, residual=shortcut, branch_scale=drop_path_scale(h, self.drop_path_rate, self.training))
 
 
 class Attention(nn.Module, FusedOpModule):

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import dispatch
+from ..ops.batch_norm_act import batch_norm_act
 from ..ops.dwconv_bn_gelu import dwconv_bn_gelu, dwconv_bn_gelu_pool
 
 
@@ -22,12 +23,34 @@ class FusedOpModule:
     backend: str = "eager"
 
 
-class DWConvBNGELU(nn.Sequential, FusedOpModule):
-    """The seed's ``dw_conv``: Sequential(Conv2d depthwise 3x3, BatchNorm2d, GELU), run as one op.
+class _FusedBNSequential(nn.Sequential, FusedOpModule):
+    """A seed Sequential whose child 1 is a BatchNorm2d, run as one fused op. Subclassing
+    Sequential keeps the children named 0, 1, 2, so keys such as ``block.dw_conv.1.running_mean``
+    are the seed's."""
 
-    Subclassing Sequential keeps the children named 0, 1, 2, so keys such as
-    ``block.dw_conv.1.running_mean`` are the seed's.
-    """
+    def _bn_args(self):
+        """nn.BatchNorm2d's bookkeeping (momentum=None means a cumulative average), then the
+        op's BatchNorm arguments."""
+        bn = self[1]
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return params, dict(training=bn.training, momentum=factor, eps=bn.eps, backend=self.backend)
+
+    def _cross_process_statistics(self) -> bool:
+        """A SyncBatchNorm (``convert_sync_batchnorm``, ``train --sync-bn``) training across
+        processes takes its statistics over all of them; the fused kernels take them per
+        process, so such steps run the modules themselves."""
+        bn = self[1]
+        return (isinstance(bn, nn.SyncBatchNorm) and bn.training and torch.distributed.is_available()
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+
+
+class DWConvBNGELU(_FusedBNSequential):
+    """The seed's ``dw_conv``: Sequential(Conv2d depthwise 3x3, BatchNorm2d, GELU), run as one op."""
 
     fused_op = "dwconv_bn_gelu"
 
@@ -40,25 +63,9 @@ class DWConvBNGELU(nn.Sequential, FusedOpModule):
         self.backend = backend
 
     def _op_args(self):
-        """nn.BatchNorm2d's bookkeeping (momentum=None means a cumulative average), then the op's
-        arguments."""
-        conv, bn = self[0], self[1]
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                factor = 1.0 / float(bn.num_batches_tracked)
-        params = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        return params, dict(training=bn.training, momentum=factor, eps=bn.eps, stride=conv.stride[0],
-                            backend=self.backend)
-
-    def _cross_process_statistics(self) -> bool:
-        """A SyncBatchNorm (``convert_sync_batchnorm``, ``train --sync-bn``) training across
-        processes takes its statistics over all of them; the fused kernels take them per
-        process, so such steps run the modules themselves."""
-        bn = self[1]
-        return (isinstance(bn, nn.SyncBatchNorm) and bn.training and torch.distributed.is_available()
-                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+        conv = self[0]
+        (gamma, beta, running_mean, running_var), kwargs = self._bn_args()
+        return (conv.weight, gamma, beta, running_mean, running_var), dict(kwargs, stride=conv.stride[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cross_process_statistics():
@@ -75,20 +82,52 @@ class DWConvBNGELU(nn.Sequential, FusedOpModule):
         return dwconv_bn_gelu_pool(x, *params, **kwargs)
 
 
+class PointwiseConvBN(_FusedBNSequential):
+    """The seed's ``expand_conv`` (Conv2d 1x1, BatchNorm2d, GELU) or ``pro_conv`` (Conv2d 1x1,
+    BatchNorm2d): cuDNN's 1x1 conv, then BatchNorm, the GELU when there is one, and optionally
+    the block's residual add, as one op (``batch_norm_act``)."""
+
+    fused_op = "batch_norm_act"
+
+    def __init__(self, in_c: int, out_c: int, stride: int = 1, gelu: bool = True, backend: str = "eager"):
+        layers = [nn.Conv2d(in_c, out_c, 1, stride, 0, bias=False), nn.BatchNorm2d(out_c)]
+        super().__init__(*(layers + [nn.GELU()] if gelu else layers))
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``residual + branch_scale[b] * self(x)``; each part only when given."""
+        if self.backend == "eager" or self._cross_process_statistics():
+            y = nn.Sequential.forward(self, x)  # the seed's modules, and then the block's drop_path and add
+            y = y if branch_scale is None else y * branch_scale.to(y.dtype).view(-1, 1, 1, 1)
+            return y if residual is None else residual + y
+        params, kwargs = self._bn_args()
+        return batch_norm_act(self[0](x), *params, activation="gelu" if len(self) == 3 else "identity",
+                              residual=residual, branch_scale=branch_scale, **kwargs)
+
+
+def drop_path_scale(x: torch.Tensor, rate: float, training: bool) -> Optional[torch.Tensor]:
+    """Stochastic depth's per-sample factor for a residual branch like ``x`` ([B], x's dtype):
+    0 with probability ``rate``, else 1 / (1 - rate); None when nothing is dropped."""
+    if rate == 0.0 or not training:
+        return None
+    keep = 1.0 - rate
+    return x.new_empty((x.shape[0],)).bernoulli_(keep).div_(keep)
+
+
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero a residual branch per sample with probability ``rate``."""
-    if rate == 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    scale = drop_path_scale(x, rate, training)
+    return x if scale is None else x * scale.view((-1,) + (1,) * (x.dim() - 1))
 
 
 def set_backend(model: nn.Module, backend: str, ops: Optional[Iterable[str]] = None) -> nn.Module:
     """Route the fusable modules of ``model`` through ``backend``, in place; returns ``model``.
 
     ``ops`` limits the switch to the modules of those ops (e.g. ``["rel_bias_attention"]``
-    while a backend has no kernel for the others); by default every fusable module moves.
+    while a backend has no kernel for the others); by default every fusable module moves,
+    except those of an op the backend has no implementation of at all (the C++ extension has
+    none of ``batch_norm_act``): they run on eager.
     Parameters, buffers and ``state_dict()`` keys do not change, so this can be undone by
     calling it again with "eager". A backend that cannot run one of the chosen ops on this
     machine at all raises here, with the reasons; limits that depend on the inputs are checked
@@ -102,6 +141,10 @@ def set_backend(model: nn.Module, backend: str, ops: Optional[Iterable[str]] = N
         if unknown:
             raise ValueError(f"ops must be names from {dispatch.ops()}; got {sorted(unknown)}")
         modules = [m for m in modules if m.fused_op in ops]
+    unimplemented = []
+    if ops is None and backend != "auto":
+        unimplemented = [m for m in modules if not dispatch.implemented(m.fused_op, backend)]
+        modules = [m for m in modules if dispatch.implemented(m.fused_op, backend)]
     if backend != "auto":
         missing = {}
         for op in sorted({m.fused_op for m in modules}):
@@ -116,14 +159,24 @@ def set_backend(model: nn.Module, backend: str, ops: Optional[Iterable[str]] = N
         dispatch.prepare(op, backend)
     for m in modules:
         m.backend = backend
+    for m in unimplemented:
+        m.backend = "eager"
     if ops is None and hasattr(model, "backend") and not isinstance(model, FusedOpModule):
         model.backend = backend
     return model
 
 
 def get_backend(model: nn.Module) -> str:
-    """The backend of the fusable modules of ``model`` ("mixed" if they disagree)."""
-    names = {m.backend for m in model.modules() if isinstance(m, FusedOpModule)}
+    """The backend of the fusable modules of ``model`` ("mixed" if they disagree). Modules on
+    eager because the others' backend has no implementation of their op agree with it (what
+    ``set_backend(model, backend)`` leaves)."""
+    modules = [m for m in model.modules() if isinstance(m, FusedOpModule)]
+    names = {m.backend for m in modules}
+    if len(names) == 2 and "eager" in names:
+        (other,) = names - {"eager"}
+        if other != "auto" and all(dispatch.implemented(m.fused_op, other) != (m.backend == "eager")
+                                   for m in modules):
+            return other
     if not names:
         return "eager"
     return names.pop() if len(names) == 1 else "mixed"

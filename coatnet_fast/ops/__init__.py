@@ -2,6 +2,7 @@
 
 The eager backend is the reference every fused backend is tested against.
 """
+from .batch_norm_act import batch_norm_act
 from .dispatch import AUTO_ORDER, BACKEND_CHOICES, BACKENDS, BackendUnavailableError, usable_backends, why_not
 from .dwconv_bn_gelu import dwconv_bn_gelu, dwconv_bn_gelu_pool
 from .rel_bias_attention import rel_bias_attention, relative_position_index
@@ -11,6 +12,7 @@ __all__ = [
     "BACKENDS",
     "BACKEND_CHOICES",
     "BackendUnavailableError",
+    "batch_norm_act",
     "dwconv_bn_gelu",
     "dwconv_bn_gelu_pool",
     "rel_bias_attention",

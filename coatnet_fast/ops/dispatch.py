@@ -138,6 +138,13 @@ def no_double_backward(op: str) -> None:
                            "use backend='eager' for higher-order gradients")
 
 
+def implemented(op: str, backend: str) -> bool:
+    """Whether ``backend`` has an implementation of ``op`` in this build at all (whether it can
+    run here is ``why_not``'s question)."""
+    e = _TABLE.get(op, {}).get(backend)
+    return e is not None and e.impl is not None
+
+
 def ops() -> List[str]:
     return sorted(_TABLE)
 

@@ -8,14 +8,13 @@ turns ``BatchNorm2d(momentum=None)`` into 1 / num_batches_tracked before calling
 """
 from __future__ import annotations
 
-import numbers
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import ext
-from . import _checks, dispatch
+from . import _batch_norm, _checks, dispatch
 
 OP = "dwconv_bn_gelu"
 
@@ -30,32 +29,16 @@ def check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, train
             f"weight must have shape [C, 1, 3, 3] = {[channels, 1, 3, 3]} for x with C={channels}; "
             f"got {list(weight.shape)}"
         )
-    per_channel = (
-        ("bn_weight", bn_weight),
-        ("bn_bias", bn_bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    )
-    for name, t in per_channel:
-        _checks.tensor(name, t, dim=1, shape_doc="[C]")
-        if t.shape[0] != channels:
-            raise ValueError(f"{name} must have shape [C] = [{channels}]; got {list(t.shape)}")
-    for name, t in (("weight", weight),) + per_channel:
-        _checks.floating(name, t)
-        _checks.master_dtype(name, t, "x", x)
-    _checks.same_device([("x", x), ("weight", weight)] + list(per_channel))
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool; got {training!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1]; got {momentum!r}")
-    eps = _checks.positive_float("eps", eps)
+    momentum, eps = _batch_norm.check_bn_args(x, channels, bn_weight, bn_bias, running_mean, running_var,
+                                              training, momentum, eps)
+    _checks.floating("weight", weight)
+    _checks.master_dtype("weight", weight, "x", x)
+    _checks.same_device([("x", x), ("weight", weight)])
     if stride not in (1, 2) or isinstance(stride, bool):
         raise ValueError(f"stride must be 1 or 2; got {stride!r}")
-    if training and x.shape[0] * ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1) < 2:
-        raise ValueError(
-            f"training-mode batch statistics need more than one value per channel; got x of shape {tuple(x.shape)}"
-        )
-    return float(momentum), eps, int(stride)
+    batch, _, ho, wo = _out_shape(x, stride)
+    _batch_norm.check_batch_count(x, training, batch * ho * wo)
+    return momentum, eps, int(stride)
 
 
 def dwconv_bn_gelu_eager(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
@@ -68,12 +51,6 @@ def dwconv_bn_gelu_eager(x, weight, bn_weight, bn_bias, running_mean, running_va
 
 
 # --- triton backend: custom ops (visible to torch.compile), autograd, dispatch entry ---------
-
-def _out_like(x: torch.Tensor, shape) -> torch.Tensor:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-
 
 def _out_shape(x: torch.Tensor, stride: int) -> tuple:
     batch, channels, height, width = x.shape
@@ -129,7 +106,7 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tens
 @_triton_forward.register_fake
 def _(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool):
     sums = x.new_empty((x.shape[0], x.shape[1]) if pool else (0,), dtype=torch.float32)
-    return _out_like(x, _out_shape(x, stride)), sums
+    return _batch_norm.out_like(x, _out_shape(x, stride)), sums
 
 
 @torch.library.custom_op("coatnet_fast::dwconv_bn_gelu_triton_backward", mutates_args=())
@@ -142,7 +119,7 @@ def _triton_backward(dy: torch.Tensor, dsums: Optional[torch.Tensor], x: torch.T
 
 @_triton_backward.register_fake
 def _(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride, training):
-    return _out_like(x, tuple(x.shape)), torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
+    return _batch_norm.out_like(x, tuple(x.shape)), torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
 
 
 def _dw_setup_context(ctx, inputs, output):
@@ -193,16 +170,9 @@ def _autocast(x: torch.Tensor) -> torch.Tensor:
 def _normalisation(stats, x, weight, running_mean, running_var, training, momentum, eps, stride):
     """(mean, rstd) to normalise with; in training, batch statistics from ``stats``, and the
     running ones updated."""
-    if not training:
-        acc = ext.acc_dtype(x.dtype)
-        return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
-    mean, var = stats(x.detach(), weight.detach(), stride)
     batch, _, ho, wo = _out_shape(x, stride)
-    count = batch * ho * wo
-    with torch.no_grad():  # nn.BatchNorm2d's update: biased variance normalises, unbiased is tracked
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=momentum)
-    return mean, torch.rsqrt(var + eps)
+    return _batch_norm.normalisation(lambda: stats(x.detach(), weight.detach(), stride), x, batch * ho * wo,
+                                     running_mean, running_var, training, momentum, eps)
 
 
 def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
@@ -240,7 +210,7 @@ def _ext_fake_stats(x, weight, stride):
 
 def _ext_fake_apply(x, weight, scale, shift, stride, pool):
     sums = x.new_empty((x.shape[0], x.shape[1]) if pool else (0,), dtype=ext.acc_dtype(x.dtype))
-    return _out_like(x, _out_shape(x, stride)), sums
+    return _batch_norm.out_like(x, _out_shape(x, stride)), sums
 
 
 def _ext_fake_forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool):
@@ -248,7 +218,7 @@ def _ext_fake_forward(x, weight, bn_weight, bn_bias, mean, rstd, training, strid
 
 
 def _ext_fake_backward(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride, training):
-    return (_out_like(x, tuple(x.shape)), weight.new_empty(weight.shape), bn_weight.new_empty(bn_weight.shape),
+    return (_batch_norm.out_like(x, tuple(x.shape)), weight.new_empty(weight.shape), bn_weight.new_empty(bn_weight.shape),
             bn_bias.new_empty(bn_bias.shape))
 
 
