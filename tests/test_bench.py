@@ -317,3 +317,21 @@ def test_a_provider_can_leave_one_fusion_on_eager():
                          ("backend:triton:no-batch_norm_act:compile", "unknown provider")):
         with pytest.raises(benchmark.ProviderError, match=message):
             benchmark.parse_provider(bad)
+
+
+def test_bench_saved_memory_counts_what_autograd_keeps(tmp_path):
+    """The fake-tensor trace of a training forward: eager keeps more for the backward than the
+    fused backends (which keep inputs and recompute), and each fusion taken away adds back."""
+    import bench_saved_memory
+
+    out = tmp_path / "saved.json"
+    assert bench_saved_memory.main(["--batch", "2", "--image-size", "64", "--out", str(out)]) == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["eager"]["saved_bytes"] > 0 and rows["eager"]["fraction_of_eager"] == 1.0
+    assert sum(rows["eager"]["by_module_type_gib"].values()) == pytest.approx(rows["eager"]["saved_gib"])
+    if dispatch.triton_available() is None:
+        order = ["eager", "backend:triton:no-dwconv_bn_gelu:no-batch_norm_act", "backend:triton:no-batch_norm_act",
+                 "backend:triton"]
+        saved = [rows[p]["saved_bytes"] for p in order]
+        assert saved == sorted(saved, reverse=True) and len(set(saved)) == 4, saved
+        assert "PointwiseConvBN" in rows["backend:triton"]["by_module_type_gib"]
