@@ -48,6 +48,9 @@ def eager_op(x, g, b, rm, rv, training, residual, branch_scale):
 def providers(device):
     fns = {"eager": eager_op}
     if device.type == "cuda":
+        # A fresh cache for every case (providers() is called per shape and mode): past dynamo's
+        # recompile limit the function would silently run uncompiled under this name.
+        torch.compiler.reset()
         fns["compile"] = torch.compile(eager_op)
     for backend in dispatch.BACKENDS:
         if backend != "eager" and not dispatch.why_not("batch_norm_act", backend):

@@ -40,6 +40,9 @@ def providers(device, tiles=()):
     """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (see ``use_tiles``)."""
     fns = {"eager": eager_op}
     if device.type == "cuda":
+        # A fresh cache for every case (providers() is called per shape and mode): past dynamo's
+        # recompile limit the function would silently run uncompiled under this name.
+        torch.compiler.reset()
         fns["compile"] = torch.compile(eager_op)
     for backend in dispatch.BACKENDS:
         if backend != "eager" and not dispatch.why_not("dwconv_bn_gelu", backend):

@@ -19,6 +19,24 @@ def gelu_grad(u):
 
 
 @triton.jit
+def image_and_channels(C, BLOCK_C: tl.constexpr):
+    """(image index as int64, channel offsets) of a program on grid axis 0, which runs over
+    images x channel blocks: one axis, so neither count meets CUDA's 65535 limit on axes 1 and 2."""
+    blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    return (pid // blocks).to(tl.int64), (pid % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+
+
+def image_channel_grid(batch: int, channels: int, block_c: int, name: str = "x") -> int:
+    """Grid axis 0 for ``image_and_channels``."""
+    programs = batch * triton.cdiv(channels, block_c)
+    if programs >= 2**31:
+        raise ValueError(f"{name}: {batch} images x {triton.cdiv(channels, block_c)} channel blocks is past "
+                         "the 2**31 programs one grid axis allows")
+    return programs
+
+
+@triton.jit
 def chan_merge(count, mean, m2, z, p_ok):
     """Fold a [BLOCK_P, BLOCK_C] chunk (rows p_ok) into a running per-column (count, mean, M2).
 
@@ -36,44 +54,48 @@ def chan_merge(count, mean, m2, z, p_ok):
 
 
 @triton.jit
-def _merge_stats(MEAN, M2, OUT_MEAN, OUT_VAR, G, C, P, P_SPLIT, S,
-                 BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge G = B * S partial (mean, M2) rows [G, C] into the channel mean and biased variance
-    [C]; group g covers split g % S of an image's P positions, P_SPLIT each (the last split the
-    rest). Chan's formula for many groups at once: the mean from the count-weighted group means,
-    then M2 = sum M2_g + sum n_g (mean_g - mean)^2, deviations taken directly (no cancellation).
-    Tiles of BLOCK_G groups in a fixed order: deterministic."""
+def _merge_stats(MEAN, M2, SHIFT, OUT_MEAN, OUT_VAR, G, C, P, P_SPLIT, S, count,
+                 HAS_SHIFT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge G = B * S partial (mean, M2) rows [G, C] of ``count`` values a channel into the
+    channel mean and biased variance [C]; group g covers split g % S of an image's P positions,
+    P_SPLIT each (the last split the rest). Chan's formula for many groups at once: the mean
+    from the count-weighted group means, then M2 = sum M2_g + sum n_g (mean_g - mean)^2,
+    deviations taken directly (no cancellation). Partial means taken about SHIFT (a value of
+    each channel) have the spread of the data, not its offset, so their fp32 rounding does not
+    reach the variance. Tiles of BLOCK_G groups in a fixed order: deterministic."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     weighted = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, G, BLOCK_G):
         g = start + tl.arange(0, BLOCK_G)
         n = tl.where(g < G, tl.minimum(P_SPLIT, P - (g % S) * P_SPLIT), 0).to(tl.float32)
-        part = tl.load(MEAN + g[:, None] * C + offs_c[None, :], mask=(g < G)[:, None] & c_ok[None, :], other=0.0)
+        rows = g.to(tl.int64)[:, None] * C
+        part = tl.load(MEAN + rows + offs_c[None, :], mask=(g < G)[:, None] & c_ok[None, :], other=0.0)
         weighted += tl.sum(part * n[:, None], 0)
-    total = (G // S) * P  # every image has P positions
-    mean = weighted / total
+    mean = weighted / count
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, G, BLOCK_G):
         g = start + tl.arange(0, BLOCK_G)
         ok = (g < G)[:, None] & c_ok[None, :]
         n = tl.where(g < G, tl.minimum(P_SPLIT, P - (g % S) * P_SPLIT), 0).to(tl.float32)
-        part = tl.load(MEAN + g[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
-        dev = tl.where(ok, part - mean[None, :], 0.0)
-        m2 += tl.sum(tl.load(M2 + g[:, None] * C + offs_c[None, :], mask=ok, other=0.0) + n[:, None] * dev * dev, 0)
+        rows = g.to(tl.int64)[:, None] * C
+        dev = tl.where(ok, tl.load(MEAN + rows + offs_c[None, :], mask=ok, other=0.0) - mean[None, :], 0.0)
+        m2 += tl.sum(tl.load(M2 + rows + offs_c[None, :], mask=ok, other=0.0) + n[:, None] * dev * dev, 0)
+    if HAS_SHIFT:
+        mean += tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
     tl.store(OUT_MEAN + offs_c, mean, mask=c_ok)
-    tl.store(OUT_VAR + offs_c, m2 / total, mask=c_ok)
+    tl.store(OUT_VAR + offs_c, m2 / count, mask=c_ok)
 
 
-def merge_stats(means, m2s, positions: int, per_program: int):
+def merge_stats(means, m2s, positions: int, per_program: int, shift=None):
     """(mean, biased variance) [C] from per-(image, split) partials [B, S, C] (fp32, contiguous)
-    of ``positions`` values an image, ``per_program`` a split: one launch instead of a string of
-    small torch ops on the host."""
+    of ``positions`` values an image, ``per_program`` a split, taken about ``shift`` ([C] fp32,
+    or None for 0): one launch instead of a string of small torch ops on the host."""
     batch, splits, channels = means.shape
     mean = torch.empty(channels, dtype=torch.float32, device=means.device)
     var = torch.empty_like(mean)
-    block_c = min(32, triton.next_power_of_2(channels))
+    block_c = min(32, triton.next_power_of_2(max(channels, 1)))
     _merge_stats[(triton.cdiv(channels, block_c),)](
-        means, m2s, mean, var, batch * splits, channels, positions, per_program, splits,
-        BLOCK_G=64, BLOCK_C=block_c, num_warps=4)
+        means, m2s, mean if shift is None else shift, mean, var, batch * splits, channels, positions, per_program,
+        splits, float(batch * positions), HAS_SHIFT=shift is not None, BLOCK_G=64, BLOCK_C=block_c, num_warps=4)
     return mean, var

@@ -3,13 +3,13 @@ launchers: MBConv's expand (1x1 conv, BatchNorm, GELU) and projection (1x1 conv,
 then the block's stochastic-depth scale and residual add) after cuDNN's 1x1 conv.
 
 A tensor [B, C, H, W] is read as [B, C, P] with P = H * W at one position stride (NCHW and
-channels_last both qualify; the launchers copy anything else). Programs are (image, channel
-block, position split): each walks its split of positions in chunks of BLOCK_P, so per-channel
-reductions come out as [B, S, C] partials in a fixed order (deterministic, no atomics), merged
-by the launcher.
+channels_last both qualify; the launchers copy anything else, and outputs take the caller's
+layout either way). Programs are (image and channel block, position split): each walks its
+split of positions in chunks of BLOCK_P, so per-channel reductions come out as [B, S, C]
+partials in a fixed order (deterministic, no atomics), merged by one more small kernel.
 
-- ``_stats`` (training, pass 1): per-split channel mean and M2 (Chan's merge, exact in fp32 for
-  a channel with mean 1e3 and std 1).
+- ``_stats`` (training, pass 1): per-split channel mean and M2 (Chan's merge) about a value of
+  each channel, so that a channel with mean 1e3 and std 1 keeps its variance to fp32 rounding.
 - ``_apply`` (training pass 2, eval's only pass): y = residual + s_b * act((x - mean) * scale + beta),
   with scale = gamma * rstd per channel from the launcher.
 - ``_bwd_reduce`` (training): per-split sums of du and du * xhat, du being the gradient at the
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import chan_merge, gelu, gelu_grad, merge_stats
+from ._common import chan_merge, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats
 
 
 @triton.jit
@@ -39,18 +39,18 @@ def _tile(T, b, offs_p, offs_c, s_b, s_c, s_p):
 
 @triton.jit
 def _program(C, P, P_SPLIT, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(2)
+    b, offs_c = image_and_channels(C, BLOCK_C)
+    split = tl.program_id(1)
     p_begin = split * P_SPLIT
-    p_end = tl.minimum(p_begin + P_SPLIT, P)
+    p_end = p_begin + tl.minimum(P_SPLIT, P - p_begin)  # not p_begin + P_SPLIT: that may pass 2**31
     return b, offs_c, offs_c < C, split, p_begin, p_end
 
 
 @triton.jit
-def _stats(X, MEAN, M2, sx_b, sx_c, sx_p, C, P, P_SPLIT,
+def _stats(X, SHIFT, MEAN, M2, sx_b, sx_c, sx_p, C, P, P_SPLIT,
            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c, c_ok, split, p_begin, p_end = _program(C, P, P_SPLIT, BLOCK_C)
+    shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
     count = tl.sum(tl.zeros([BLOCK_P], tl.float32), 0)  # an fp32 scalar, loop-carried
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
@@ -58,9 +58,9 @@ def _stats(X, MEAN, M2, sx_b, sx_c, sx_p, C, P, P_SPLIT,
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < p_end
         z = tl.load(_tile(X, b, offs_p, offs_c, sx_b, sx_c, sx_p), mask=p_ok[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(tl.float32) - shift[None, :]
         count, mean, m2 = chan_merge(count, mean, m2, z, p_ok)
-    out = (b * tl.num_programs(2) + split) * C + offs_c
+    out = (b * tl.num_programs(1) + split) * C + offs_c
     tl.store(MEAN + out, mean, mask=c_ok)
     tl.store(M2 + out, m2, mask=c_ok)
 
@@ -134,7 +134,7 @@ def _bwd_reduce(X, DY, MEAN, RSTD, GAMMA, BETA, BSCALE, SUM_DU, SUM_DU_XHAT,
                             sx_b, sx_c, sx_p, sdy_b, sdy_c, sdy_p, GELU, HAS_BSCALE)
         sum_du += tl.sum(du, 0)
         sum_du_xhat += tl.sum(du * xhat, 0)
-    out = (b * tl.num_programs(2) + split) * C + offs_c
+    out = (b * tl.num_programs(1) + split) * C + offs_c
     tl.store(SUM_DU + out, sum_du, mask=c_ok)
     tl.store(SUM_DU_XHAT + out, sum_du_xhat, mask=c_ok)
 
@@ -166,7 +166,7 @@ def _bwd_dx(X, DY, MEAN, RSTD, GAMMA, BETA, BSCALE, DBETA, DGAMMA, DX, SUM_DU, S
             sum_du_xhat += tl.sum(du * xhat, 0)
         tl.store(_tile(DX, b, offs_p, offs_c, sdx_b, sdx_c, sdx_p), dx.to(DX.dtype.element_ty), mask=ok)
     if not TRAINING:
-        out = (b * tl.num_programs(2) + split) * C + offs_c
+        out = (b * tl.num_programs(1) + split) * C + offs_c
         tl.store(SUM_DU + out, sum_du, mask=c_ok)
         tl.store(SUM_DU_XHAT + out, sum_du_xhat, mask=c_ok)
 
@@ -222,13 +222,23 @@ def _strides(t: torch.Tensor):
 
 
 def _launch(x: torch.Tensor):
-    """(grid, P_SPLIT, splits, BLOCK_P, BLOCK_C, num_warps) for x."""
+    """(grid, P_SPLIT, splits, BLOCK_P, BLOCK_C, num_warps) for x: images x channel blocks on
+    grid axis 0, position splits on axis 1 (at most 65535, CUDA's limit there)."""
     batch, channels, height, width = x.shape
     positions = height * width
     block_p, block_c, warps = _blocks(x, channels)
-    per_program = max(block_p, min(positions, POSITIONS_PER_PROGRAM) // block_p * block_p)
+    per_program = max(block_p, min(positions, POSITIONS_PER_PROGRAM) // block_p * block_p,
+                      triton.cdiv(triton.cdiv(positions, 65535), block_p) * block_p)
     splits = triton.cdiv(positions, per_program)
-    return (batch, triton.cdiv(channels, block_c), splits), per_program, splits, block_p, block_c, warps
+    grid = (image_channel_grid(batch, channels, block_c), splits)
+    return grid, per_program, splits, block_p, block_c, warps
+
+
+def _out_like(t: torch.Tensor, dtype) -> torch.Tensor:
+    """An output in t's layout (channels_last or contiguous), whatever copy the kernels read: the
+    rule the custom ops' fake kernels state."""
+    fmt = torch.channels_last if _channels_last(t) else torch.contiguous_format
+    return torch.empty(t.shape, dtype=dtype, device=t.device, memory_format=fmt)
 
 
 def batch_stats(x: torch.Tensor):
@@ -236,21 +246,23 @@ def batch_stats(x: torch.Tensor):
     x = flat_positions("x", x)
     batch, channels, height, width = x.shape
     grid, per_program, splits, block_p, block_c, warps = _launch(x)
+    # Statistics about a value of each channel (its first): partial means then carry the data's
+    # spread, not its offset (a channel at mean 1e3, std 1 keeps its variance to fp32 rounding).
+    shift = x[0, :, 0, 0].to(torch.float32).contiguous()
     means = torch.empty((batch, splits, channels), dtype=torch.float32, device=x.device)
     m2s = torch.empty_like(means)
-    _stats[grid](x, means, m2s, *_strides(x), channels, height * width, per_program,
+    _stats[grid](x, shift, means, m2s, *_strides(x), channels, height * width, per_program,
                  BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    return merge_stats(means, m2s, height * width, per_program)
+    return merge_stats(means, m2s, height * width, per_program, shift)
 
 
 def apply(x, mean, scale, beta, gelu: bool, residual: Optional[torch.Tensor], branch_scale: Optional[torch.Tensor],
           out_dtype: torch.dtype):
     """residual + branch_scale[b] * act((x - mean) * scale + beta), per channel (mean and scale fp32)."""
+    y = _out_like(x, out_dtype)
     x = flat_positions("x", x)
     batch, channels, height, width = x.shape
     grid, per_program, _, block_p, block_c, warps = _launch(x)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device,
-                    memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
     res = flat_positions("residual", residual) if residual is not None else x
     _apply[grid](
         x, mean, scale, beta, res, branch_scale if branch_scale is not None else scale, y,
@@ -263,6 +275,7 @@ def apply(x, mean, scale, beta, gelu: bool, residual: Optional[torch.Tensor], br
 
 def backward(dy, x, gamma, beta, mean, rstd, gelu: bool, branch_scale: Optional[torch.Tensor], training: bool):
     """dx (x's dtype and layout), d(gamma), d(beta) (fp32) of the BatchNorm + act + scale."""
+    dx = _out_like(x, x.dtype)
     x, dy = flat_positions("x", x), flat_positions("dy", dy)
     batch, channels, height, width = x.shape
     grid, per_program, splits, block_p, block_c, warps = _launch(x)
@@ -278,8 +291,6 @@ def backward(dy, x, gamma, beta, mean, rstd, gelu: bool, branch_scale: Optional[
         dbeta, dgamma = sum_du.sum((0, 1)), sum_du_xhat.sum((0, 1))
     else:
         dbeta = dgamma = mean  # unread in eval
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                     memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
     _bwd_dx[grid](x, dy, *params, dbeta, dgamma, dx, sum_du, sum_du_xhat,
                   *_strides(x), *_strides(dy), *_strides(dx), channels, height * width, per_program,
                   1.0 / max(1, batch * height * width), TRAINING=training, **meta)  # eval allows an empty batch

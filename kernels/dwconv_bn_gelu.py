@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import chan_merge, gelu, gelu_grad, merge_stats
+from ._common import chan_merge, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats
 
 
 
@@ -66,8 +66,7 @@ def _stats(X, WT, MEAN, M2,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
            C, H, W, WO, P,
            STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
     count = tl.sum(tl.zeros([BLOCK_P], tl.float32), 0)  # an fp32 scalar, loop-carried
     mean = tl.zeros([BLOCK_C], tl.float32)
@@ -88,8 +87,7 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
            C, H, W, WO, P,
            STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_POOL: tl.constexpr,
            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
     shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
     if HAS_SCALE:
@@ -145,8 +143,7 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
                 C, H, W, WO, P, inv_p,
                 STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
     sum_du = tl.zeros([BLOCK_C], tl.float32)
     sum_du_xhat = tl.zeros([BLOCK_C], tl.float32)
@@ -168,8 +165,7 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ, DW_PAR
             C, H, W, WO, P, inv_p, inv_count,
             STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
     if TRAINING:
         mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
@@ -217,8 +213,7 @@ def _source_index(i, k, size_out, STRIDE: tl.constexpr):
 def _bwd_dx(DZ, WT, DX, sz_b, sz_c, sz_h, sz_w, sw_c, sw_h, sw_w, sdx_b, sdx_c, sdx_h, sdx_w,
             C, H, W, HO, WO,
             STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
     # 64-bit image bases, 32-bit offsets within an image (dz and dx are the launcher's own tensors,
     # far under 2**31 elements an image): 64-bit offset tiles for every tap spilled at BLOCK_C 64.
@@ -297,7 +292,7 @@ def batch_stats(x, weight, stride: int):
     block_p, block_c, warps = _blocks(x, channels)
     means = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     m2s = torch.empty_like(means)
-    _stats[(batch, triton.cdiv(channels, block_c))](
+    _stats[(image_channel_grid(batch, channels, block_c),)](
         x, weight, means, m2s, *x.stride(), *weight.stride()[:1], *weight.stride()[2:],
         channels, height, width, wo, ho * wo,
         STRIDE=stride, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
@@ -308,12 +303,13 @@ def batch_stats(x, weight, stride: int):
 def apply(x, weight, scale, shift, stride: int, pool: bool):
     """gelu(conv(x, weight) * scale + shift) (scale None: already folded into weight), and the
     per-image channel sums of the result when ``pool``."""
-    x = _fit_offsets("x", x)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
-    block_p, block_c, warps = _blocks(x, channels)
+    # The output's layout follows the caller's x (as the custom op's fake kernel says), not a copy's.
     y = _out_like(x, (batch, channels, ho, wo))
+    x = _fit_offsets("x", x)
+    block_p, block_c, warps = _blocks(x, channels)
     sums = torch.empty((batch, channels) if pool else (0,), dtype=torch.float32, device=x.device)
-    _apply[(batch, triton.cdiv(channels, block_c))](
+    _apply[(image_channel_grid(batch, channels, block_c),)](
         x, weight, shift if scale is None else scale, shift, y, sums,
         *x.stride(), *weight.stride()[:1], *weight.stride()[2:], *y.stride(),
         channels, height, width, wo, ho * wo,
@@ -325,10 +321,11 @@ def apply(x, weight, scale, shift, stride: int, pool: bool):
 
 def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, training: bool):
     """dx, d(weight), d(gamma), d(beta); ``dpool`` (or None) is the gradient of the pooled sums."""
+    caller_x = x  # dz and dx take its layout, as the custom op's fake kernel says
     x, dy = _fit_offsets("x", x), _fit_offsets("dy", dy)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     block_p, block_c, warps = _blocks(x, channels)
-    grid = (batch, triton.cdiv(channels, block_c))
+    grid = (image_channel_grid(batch, channels, block_c),)
     has_dpool = dpool is not None
     dpool = dpool.contiguous() if has_dpool else mean
     common = (*x.stride(), *weight.stride()[:1], *weight.stride()[2:], *dy.stride())
@@ -341,7 +338,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     )
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)
     # dz keeps x's dtype (dx reads it back); d(weight) is summed from its fp32 values before rounding.
-    dz = _out_like(x, (batch, channels, ho, wo))
+    dz = _out_like(caller_x, (batch, channels, ho, wo))
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
     _bwd_dz[grid](
         x, weight, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, dw_partial, *common, *dz.stride(),
@@ -349,7 +346,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
         STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
     dweight = dw_partial.sum(0).view(channels, 1, 3, 3)
-    dx = _out_like(x, x.shape)
+    dx = _out_like(caller_x, x.shape)
     _bwd_dx[grid](
         dz, weight, dx, *dz.stride(), *weight.stride()[:1], *weight.stride()[2:], *dx.stride(),
         channels, height, width, ho, wo,

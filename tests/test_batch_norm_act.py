@@ -411,3 +411,148 @@ def test_module_matches_the_seed_modules_over_steps(backend, gelu, device):
         assert relative_error(fused.state_dict()[key].double(), value.double()) < 1e-5, key
     fused.eval(), plain.eval()
     assert relative_error(fused(x), plain(x)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_strided_parameters_are_read_right(backend, device):
+    """Per-channel vectors that are views with a stride (every other element of a buffer): the
+    kernels index them densely, so the backend makes them contiguous first."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 5, 4, generator=g).to(device)
+    if _refused(backend, x):
+        return
+    buffers = [torch.randn(12, generator=g).to(device) for _ in range(4)]
+    buffers[3] = buffers[3].abs() + 0.5  # a variance
+    for training in (True, False):
+        views = [b[::2] for b in buffers]
+        gamma, beta = (v.clone().requires_grad_(True) for v in views[:2])
+        gamma_view, beta_view = (b.clone().requires_grad_(True) for b in buffers[:2])
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        running = [[v.clone() for v in views[2:]], [b.clone() for b in buffers[2:]]]
+        ref = batch_norm_act(xs[0], gamma, beta, *running[0], training=training, backend="eager")
+        out = batch_norm_act(xs[1], gamma_view[::2], beta_view[::2], running[1][0][::2], running[1][1][::2],
+                             training=training, backend=backend)
+        dy = torch.randn(ref.shape, generator=g).to(device)
+        ref_grads = torch.autograd.grad(ref, [xs[0], gamma, beta], dy)
+        grads = torch.autograd.grad(out, [xs[1], gamma_view, beta_view], dy)
+        assert relative_error(out, ref) < 1e-5, training
+        for name, a, b in zip(("dx", "dgamma", "dbeta"), grads, ref_grads):
+            a = a if name == "dx" else a[::2]
+            assert relative_error(a, b) < 1e-5, (training, name)
+        assert (grads[1][1::2] == 0).all()
+        for i, (a, b) in enumerate(zip(running[1], running[0])):
+            assert relative_error(a[::2], b) < 1e-6 and torch.equal(a[1::2], buffers[2 + i][1::2])  # gaps untouched
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: torch.randn(2, 5, 12, 7, device=d).contiguous(memory_format=torch.channels_last)[:, :, ::2, :5],
+    lambda d: torch.randn(2, 5, 6, 7, device=d)[:, :, :, 1:6],
+    lambda d: torch.randn(2, 6, 5, 4, device=d).contiguous(memory_format=torch.channels_last),
+], ids=["nhwc-strided", "nchw-cropped", "nhwc"])
+def test_custom_ops_pass_opcheck(make, device):
+    """The fake kernels tell torch.compile the outputs' real strides, also for views the
+    launchers copy before reading (the output follows the caller's x, not the copy)."""
+    import importlib
+
+    op_module = importlib.import_module("coatnet_fast.ops.batch_norm_act")  # the package exports the op by that name
+    x = make(device)
+    if _refused("triton", x):
+        return
+    c = x.shape[1]
+    mean, rstd = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    gamma = torch.rand(c, device=device, requires_grad=True)
+    beta = torch.randn(c, device=device, requires_grad=True)
+    x = x.requires_grad_(True)
+    res = torch.randn(x.shape, device=device).requires_grad_(True)
+    scale = torch.rand(x.shape[0], device=device)
+    for args in ((x, gamma, beta, mean, rstd, True, True, None, None),
+                 (x, gamma, beta, mean, rstd, False, False, res, scale)):
+        torch.library.opcheck(op_module._triton_forward, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(op_module._triton_stats, (x.detach(),), test_utils=("test_schema", "test_faketensor"))
+    dy = torch.randn(x.shape, device=device)
+    torch.library.opcheck(op_module._triton_backward, (dy, x.detach(), gamma.detach(), beta.detach(), mean, rstd,
+                                                       False, scale, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_triton_statistics_merge_counts_past_32_bits(backend, device):
+    """The merge's total count (B * H * W, 2**31 here) and row offsets stay exact past 32 bits:
+    per-image partials of 2**20 positions each from 2048 images, merged."""
+    from coatnet_fast.kernels._common import merge_stats
+
+    if _refused(backend, torch.randn(2, 3, 2, 2, device=device)):
+        return
+
+    g = torch.Generator().manual_seed(0)
+    batch, channels, positions = 2048, 3, 2**20
+    means = (5.0 + 0.01 * torch.randn(batch, 1, channels, generator=g)).to(device)
+    m2s = (positions * (1.0 + 0.1 * torch.rand(batch, 1, channels, generator=g))).to(device)
+    mean, var = merge_stats(means, m2s, positions, positions)
+    m64, s64 = means.double().squeeze(1), m2s.double().squeeze(1)
+    expected_mean = m64.mean(0)
+    expected_var = (s64.sum(0) + positions * ((m64 - expected_mean) ** 2).sum(0)) / (batch * positions)
+    assert relative_error(mean, expected_mean) < 1e-6 and relative_error(var, expected_var) < 1e-6
+
+
+def test_triton_grid_stays_within_cuda_limits():
+    """Images x channel blocks share grid axis 0 (up to 2**31); position splits, on axis 1, never
+    pass 65535: a huge image gets longer splits. (Meta tensors: only shapes are read.)"""
+    from coatnet_fast.kernels import batch_norm_act as kernels
+
+    for shape in ((1, 16, 8192, 8193), (3, 2**21, 1, 1), (128, 384, 56, 56)):
+        x = torch.empty(shape, device="meta")
+        grid, per_program, splits, block_p, block_c, _ = kernels._launch(x)
+        positions = shape[2] * shape[3]
+        assert grid[1] == splits <= 65535 and splits * per_program >= positions > (splits - 1) * per_program
+        assert per_program % block_p == 0 and grid[0] == shape[0] * -(-shape[1] // block_c) < 2**31
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_variance_of_a_large_mean_channel_from_small_groups(backend, device):
+    """Tiny images (3x3) make many small partial groups: about the channel's first value, their
+    means carry the spread, not the 1e3 offset, so the merged variance keeps fp32 accuracy."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64) * 0.5 + 1e3).float()
+    if _refused(backend, x.to(device)):
+        return
+    running_mean, running_var = torch.zeros(4, device=device), torch.ones(4, device=device)
+    batch_norm_act(x.to(device), torch.ones(4, device=device), torch.zeros(4, device=device), running_mean,
+                   running_var, training=True, momentum=1.0, backend=backend)
+    x64 = x.double()
+    assert relative_error(running_var, x64.var(dim=(0, 2, 3), unbiased=True)) < 1e-6
+    assert relative_error(running_mean, x64.mean(dim=(0, 2, 3))) < 1e-7
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_modules_the_op_does_not_compute_run_as_modules(backend, device, monkeypatch):
+    """A swapped activation (tanh GELU) or a BatchNorm without affine parameters or running
+    statistics is not what batch_norm_act computes: those modules run themselves, and match."""
+    from coatnet_fast.models import PointwiseConvBN
+
+    if _refused(backend, torch.randn(2, 5, 3, 3, device=device)):
+        return
+    calls = []
+    entry = dispatch._TABLE[OP][backend]
+    monkeypatch.setitem(dispatch._TABLE[OP], backend, dispatch.OpBackend(
+        OP, backend, lambda *a: calls.append(1) or entry.impl(*a), entry.available, entry.reasons))
+    variants = {
+        "tanh": lambda m: m.__setitem__(2, torch.nn.GELU(approximate="tanh")),
+        "no affine": lambda m: m.__setitem__(1, torch.nn.BatchNorm2d(5, affine=False)),
+        "no running stats": lambda m: m.__setitem__(1, torch.nn.BatchNorm2d(5, track_running_stats=False)),
+    }
+    for name, change in variants.items():
+        torch.manual_seed(0)
+        module = PointwiseConvBN(6, 5).to(device)
+        change(module)
+        module.to(device)
+        plain = torch.nn.Sequential(*[m for m in module]).to(device)
+        module.backend = backend
+        x = torch.randn(2, 6, 4, 4, device=device)
+        assert torch.equal(module(x), plain(x)), name
+    assert calls == []
+    module = PointwiseConvBN(6, 5).to(device)
+    module.backend = backend
+    module(torch.randn(2, 6, 4, 4, device=device))
+    assert calls == [1]

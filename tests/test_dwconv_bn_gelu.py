@@ -382,3 +382,32 @@ def test_eval_with_an_empty_batch(backend, channels_last, device):
     assert grads[0] is None or grads[0].shape == x.shape
     for g in grads[1:]:
         assert g is None or (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
+def test_strided_parameters_are_read_right(backend, device):
+    """Per-channel vectors that are strided views (every other element of a buffer) give what
+    eager gives, gradients included: the kernels index them densely, so they are made contiguous."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 7, 5, generator=g).to(device)
+    if _refused(backend, x):
+        return
+    weight = torch.randn(6, 1, 3, 3, generator=g).to(device)
+    buffers = [torch.randn(12, generator=g).to(device) for _ in range(4)]
+    buffers[3] = buffers[3].abs() + 0.5
+    for training in (True, False):
+        results = []
+        for be, strided in (("eager", False), (backend, True)):
+            xs = x.clone().requires_grad_(True)
+            if strided:
+                gamma, beta = (b.clone().requires_grad_(True) for b in buffers[:2])
+                params = (gamma[::2], beta[::2], buffers[2].clone()[::2], buffers[3].clone()[::2])
+            else:
+                gamma, beta = (b[::2].clone().requires_grad_(True) for b in buffers[:2])
+                params = (gamma, beta, buffers[2][::2].clone(), buffers[3][::2].clone())
+            out = dwconv_bn_gelu(xs, weight, *params, training=training, backend=be)
+            grads = torch.autograd.grad(out, [xs, gamma, beta], torch.cos(out))
+            grads = (grads[0],) + tuple(gr[::2] if strided else gr for gr in grads[1:])
+            results.append((out,) + grads + params[2:])
+        for name, a, b in zip(("out", "dx", "dgamma", "dbeta", "running_mean", "running_var"), *results):
+            assert relative_error(a, b) < 1e-5, (training, name)

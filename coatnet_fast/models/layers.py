@@ -40,11 +40,18 @@ class _FusedBNSequential(nn.Sequential, FusedOpModule):
         params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
         return params, dict(training=bn.training, momentum=factor, eps=bn.eps, backend=self.backend)
 
-    def _cross_process_statistics(self) -> bool:
-        """A SyncBatchNorm (``convert_sync_batchnorm``, ``train --sync-bn``) training across
-        processes takes its statistics over all of them; the fused kernels take them per
-        process, so such steps run the modules themselves."""
+    def _runs_as_modules(self) -> bool:
+        """Whether this step runs the modules themselves rather than the fused op, which computes
+        exactly affine BatchNorm with running statistics and exact GELU, per process:
+        - a SyncBatchNorm (``convert_sync_batchnorm``, ``train --sync-bn``) training across
+          processes takes its statistics over all of them;
+        - a BatchNorm without affine parameters or running statistics, or an activation swapped
+          for another (say ``GELU(approximate="tanh")``), is not what the op computes."""
         bn = self[1]
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine or not bn.track_running_stats:
+            return True
+        if len(self) > 2 and not (type(self[2]) is nn.GELU and self[2].approximate == "none"):
+            return True
         return (isinstance(bn, nn.SyncBatchNorm) and bn.training and torch.distributed.is_available()
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
 
@@ -68,14 +75,14 @@ class DWConvBNGELU(_FusedBNSequential):
         return (conv.weight, gamma, beta, running_mean, running_var), dict(kwargs, stride=conv.stride[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cross_process_statistics():
+        if self._runs_as_modules():
             return nn.Sequential.forward(self, x)
         params, kwargs = self._op_args()
         return dwconv_bn_gelu(x, *params, **kwargs)
 
     def forward_pooled(self, x: torch.Tensor):
         """The output and its per-image channel mean (SE's squeeze), from one fused pass."""
-        if self._cross_process_statistics():
+        if self._runs_as_modules():
             y = nn.Sequential.forward(self, x)
             return y, y.mean(dim=(2, 3), dtype=torch.float32)
         params, kwargs = self._op_args()
@@ -97,7 +104,7 @@ class PointwiseConvBN(_FusedBNSequential):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``residual + branch_scale[b] * self(x)``; each part only when given."""
-        if self.backend == "eager" or self._cross_process_statistics():
+        if self.backend == "eager" or self._runs_as_modules():
             y = nn.Sequential.forward(self, x)  # the seed's modules, and then the block's drop_path and add
             y = y if branch_scale is None else y * branch_scale.to(y.dtype).view(-1, 1, 1, 1)
             return y if residual is None else residual + y

@@ -44,9 +44,9 @@ def normalisation(stats: Callable[[], Tuple[torch.Tensor, torch.Tensor]], x: tor
     """(mean, rstd) to normalise with: in training the batch statistics ``stats()`` returns (mean
     and biased variance over ``count`` values a channel), with the running statistics updated in
     place as ``nn.BatchNorm2d`` does; in eval the running statistics."""
-    if not training:
+    if not training:  # contiguous: the kernels index per-channel vectors densely
         acc = ext.acc_dtype(x.dtype)
-        return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+        return running_mean.to(acc).contiguous(), torch.rsqrt(running_var.to(acc) + eps)
     mean, var = stats()
     with torch.no_grad():  # biased variance normalises, unbiased is tracked
         running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

@@ -176,6 +176,8 @@ def batch_norm_act_triton(x, bn_weight, bn_bias, running_mean, running_var, trai
                                            running_mean, running_var, training, momentum, eps)
     if branch_scale is not None:
         branch_scale = branch_scale.contiguous()
+    # The kernels index per-channel vectors densely; contiguous() is differentiable and free when dense.
+    bn_weight, bn_bias = bn_weight.contiguous(), bn_bias.contiguous()
     forward = _TritonBatchNormActFunction.apply if fast else _triton_forward
     return forward(x, bn_weight, bn_bias, mean, rstd, training, activation == "gelu", residual, branch_scale)
 

@@ -182,7 +182,8 @@ def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_v
     mean, rstd = _normalisation(_stats_kernels if fast else _triton_stats, x, weight, running_mean, running_var,
                                 training, momentum, eps, stride)
     forward = _TritonDWConvFunction.apply if fast else _triton_forward
-    y, sums = forward(x, weight, bn_weight, bn_bias, mean, rstd, training, stride, pool)
+    # The kernels index per-channel vectors densely; contiguous() is differentiable and free when dense.
+    y, sums = forward(x, weight, bn_weight.contiguous(), bn_bias.contiguous(), mean, rstd, training, stride, pool)
     return (y, sums) if pool else y
 
 
