@@ -30,8 +30,9 @@ from _common import environment, write_json  # noqa: E402
 
 from coatnet_fast import benchmark  # noqa: E402
 
-DEFAULT_PROVIDERS = ("eager,backend:triton:no-dwconv_bn_gelu:no-batch_norm_act,backend:triton:no-batch_norm_act,"
-                     "backend:triton")
+DEFAULT_PROVIDERS = ("eager,backend:triton:no-dwconv_bn_gelu:no-batch_norm_act,"
+                     "backend:triton:no-batch_norm_act:no-se-gate,backend:triton:no-batch_norm_act,"
+                     "backend:triton:no-se-gate,backend:triton")
 
 
 def saved_activation_bytes(provider: str, model: str, batch: int, image_size: int, channels_last: bool) -> dict:

@@ -52,7 +52,7 @@ if stage profile; then
   timeout "${PROFILE_TIMEOUT:-180}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1
 fi
 if stage model; then
-  timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,fused,backend:triton:no-batch_norm_act --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
+  timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,backend:triton,backend:triton:no-batch_norm_act,backend:triton:no-se-gate,backend:ext,compile,backend:triton:compile --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
 fi
 if stage train; then
   timeout "${TRAIN_TIMEOUT:-90}" python3 -m coatnet_fast train ${TRAIN_ARGS:---epochs 5 --backend auto --no-progress} --out "$OUT/train_digits" 2>&1 | tee "$OUT/train.txt" | tail -5 || status=1

@@ -9,7 +9,8 @@ model in ``--models``, these providers:
   fused                 backend:<b> and backend:<b>:compile for every fused backend usable here
   backend:<b>[:compile] the reference model with the ops <b> has kernels for on <b>
   backend:<b>[:compile]:no-<op>  the same with <op> left on eager (repeatable), to measure
-                        what one fusion is worth in the model
+                        what one fusion is worth in the model; no-se-gate keeps SE's
+                        multiply instead of its gate in the projection's weights
 
 A training step is autocast forward, cross-entropy, backward and AdamW (fused on CUDA);
 inference is a forward under torch.inference_mode. On a GPU the default is the issue's
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from ._env import device_description, dist_version
-from .models import MODEL_CONFIGS, create_model, set_backend
+from .models import MODEL_CONFIGS, MBConv, create_model, set_backend
 from .ops import dispatch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -52,6 +53,7 @@ SMOKE = {"batch": 2, "image_size": 64, "dtype": "fp32", "warmup": 1, "steps": 2}
 SMOKE_MODEL = {"num_blocks": (1, 1, 1, 1, 1), "channels": (16, 24, 32, 64, 96)}
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
+SE_GATE = "se-gate"  # backend:<b>:no-se-gate: MBConv's SE multiplies the activation (see MBConv)
 
 
 class ProviderError(ValueError):
@@ -265,8 +267,10 @@ def parse_provider(provider: str) -> Tuple[str, Optional[str], bool]:
 
 
 def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]:
-    """parse_provider's answer and the ops a ``backend:<b>[:compile][:no-<op>...]`` provider
-    leaves on eager (to measure what one fusion is worth inside the model)."""
+    """parse_provider's answer and what a ``backend:<b>[:compile][:no-<op>...]`` provider leaves
+    unfused, to measure what one fusion is worth inside the model: the ops named, and with
+    ``no-se-gate`` MBConv's SE gate multiplying the activation instead of going into the
+    projection's weights."""
     if provider == "eager":
         return "reference", None, False, []
     if provider == "compile":
@@ -282,10 +286,10 @@ def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]
         compiled = options[:1] == ["compile"]
         excluded = [o[len("no-"):] for o in options[int(compiled):]]
         if all(o.startswith("no-") for o in options[int(compiled):]):
-            unknown = [op for op in excluded if op not in dispatch.ops()]
+            unknown = [op for op in excluded if op not in dispatch.ops() + [SE_GATE]]
             if unknown:
                 raise ProviderError(f"unknown op {unknown[0]!r} in provider {provider!r}; ops: "
-                                    f"{', '.join(dispatch.ops())}")
+                                    f"{', '.join(dispatch.ops() + [SE_GATE])}")
             return "reference", parts[1], compiled, excluded
     raise ProviderError(f"unknown provider {provider!r}; choose eager, compile, timm, fused, "
                         f"backend:<name>[:compile][:no-<op>...] with name in {', '.join(dispatch.BACKENDS)}")
@@ -313,6 +317,10 @@ def build(provider: str, model: str, settings: dict) -> Tuple[torch.nn.Module, L
         why = "; ".join(f"{op}: {', '.join(dispatch.why_not(op, backend))}" for op in dispatch.ops())
         raise ProviderError(f"backend {backend!r} can run none of the fused ops here ({why})")
     set_backend(net, backend, ops)
+    if SE_GATE in excluded:
+        for module in net.modules():
+            if isinstance(module, MBConv):
+                module.se_gate_in_projection = False
     return net, ops
 
 

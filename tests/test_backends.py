@@ -20,6 +20,10 @@ def table_snapshot(monkeypatch):
     dispatch._TABLE.update(saved)
 
 
+def _close(a, b):
+    return ((a - b).norm() / b.norm()).item() < 1e-6
+
+
 def attention_inputs(n_window=(3, 3)):
     n = n_window[0] * n_window[1]
     return [torch.randn(2, 2, n, 8) for _ in range(3)] + [torch.randn(table_rows(n_window), 2)]
@@ -103,7 +107,7 @@ def test_set_backend_swaps_every_fusable_module_and_back(table_snapshot):
     assert list(model.state_dict()) == keys
     fusable = (Attention, DWConvBNGELU, PointwiseConvBN)
     assert all(m.backend == "triton" for m in model.modules() if isinstance(m, fusable))
-    assert torch.equal(model(x), expected)
+    assert _close(model(x), expected)  # MBConv's fused path folds SE's gate into the projection: reassociated
     n_attn = sum(isinstance(m, Attention) for m in model.modules())
     n_dw = sum(isinstance(m, DWConvBNGELU) for m in model.modules())
     n_pw = sum(isinstance(m, PointwiseConvBN) for m in model.modules())
@@ -131,7 +135,7 @@ def test_set_backend_keeps_the_ops_a_backend_lacks_on_eager(table_snapshot):
     assert set_backend(model, "ext") is model and get_backend(model) == "ext"
     assert {m.backend for m in model.modules() if isinstance(m, PointwiseConvBN)} == {"eager"}
     assert {m.backend for m in model.modules() if isinstance(m, (Attention, DWConvBNGELU))} == {"ext"}
-    assert torch.equal(model(x), expected) and set(calls) == {"rel_bias_attention", "dwconv_bn_gelu"}
+    assert _close(model(x), expected) and set(calls) == {"rel_bias_attention", "dwconv_bn_gelu"}
     model.s1[0].block.pro_conv.backend = "triton"
     assert get_backend(model) == "mixed"
 

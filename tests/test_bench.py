@@ -304,7 +304,7 @@ def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
 def test_a_provider_can_leave_one_fusion_on_eager():
     """backend:<b>[:compile]:no-<op> measures the model without one fused op (what a fusion is
     worth); the names are checked."""
-    from coatnet_fast.models import PointwiseConvBN
+    from coatnet_fast.models import MBConv, PointwiseConvBN
 
     settings = dict(image_size=64, smoke=True)
     assert benchmark.parse_provider("backend:triton:compile:no-batch_norm_act") == ("reference", "triton", True)
@@ -312,6 +312,8 @@ def test_a_provider_can_leave_one_fusion_on_eager():
     if dispatch.triton_available() is None:
         assert ops == [op for op in dispatch.ops() if op != "batch_norm_act"]
         assert {m.backend for m in net.modules() if isinstance(m, PointwiseConvBN)} == {"eager"}
+    net, _ = benchmark.build("backend:triton:no-se-gate", "coatnet_0", settings)
+    assert all(not m.se_gate_in_projection for m in net.modules() if isinstance(m, MBConv))
     for bad, message in (("backend:triton:no-nope", "unknown op 'nope'"),
                          ("backend:triton:fast", "unknown provider"),
                          ("backend:triton:no-batch_norm_act:compile", "unknown provider")):
@@ -325,13 +327,16 @@ def test_bench_saved_memory_counts_what_autograd_keeps(tmp_path):
     import bench_saved_memory
 
     out = tmp_path / "saved.json"
-    assert bench_saved_memory.main(["--batch", "2", "--image-size", "64", "--out", str(out)]) == 0
+    # 224x224 (fake tensors cost no memory or time): at toy sizes the projection's per-image weights
+    # ([B, C_out, C_hidden]) outweigh the activations they spare, at real sizes the reverse.
+    assert bench_saved_memory.main(["--batch", "2", "--image-size", "224", "--out", str(out)]) == 0
     rows = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["eager"]["saved_bytes"] > 0 and rows["eager"]["fraction_of_eager"] == 1.0
     assert sum(rows["eager"]["by_module_type_gib"].values()) == pytest.approx(rows["eager"]["saved_gib"])
     if dispatch.triton_available() is None:
-        order = ["eager", "backend:triton:no-dwconv_bn_gelu:no-batch_norm_act", "backend:triton:no-batch_norm_act",
-                 "backend:triton"]
+        order = ["eager", "backend:triton:no-dwconv_bn_gelu:no-batch_norm_act",
+                 "backend:triton:no-batch_norm_act:no-se-gate", "backend:triton:no-batch_norm_act", "backend:triton"]
         saved = [rows[p]["saved_bytes"] for p in order]
-        assert saved == sorted(saved, reverse=True) and len(set(saved)) == 4, saved
+        assert saved == sorted(saved, reverse=True) and len(set(saved)) == len(order), saved
+        assert rows["backend:triton:no-se-gate"]["saved_bytes"] > rows["backend:triton"]["saved_bytes"]
         assert "PointwiseConvBN" in rows["backend:triton"]["by_module_type_gib"]

@@ -401,3 +401,77 @@ def test_mbconv_fuses_the_projection_residual_and_drop_path(backend, monkeypatch
         buffers = dict(block.named_buffers())
         for name, b in fused.named_buffers():
             assert relative_error(b.float(), buffers[name].float()) < 1e-5, name
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gated_pointwise_conv_is_the_gated_1x1_conv(channels_last):
+    """conv2d(x * gate, W) as one batched GEMM with per-image weights: against float64 eager,
+    output and the gradients of x, gate and W; the output keeps x's layout without a copy of x."""
+    from coatnet_fast.models.layers import gated_pointwise_conv
+
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(3, 6, 5, 7, generator=g, dtype=torch.float64)
+    gate64 = torch.rand(3, 6, generator=g, dtype=torch.float64)
+    w64 = torch.randn(4, 6, 1, 1, generator=g, dtype=torch.float64)
+    dy = torch.randn(3, 4, 5, 7, generator=g, dtype=torch.float64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [x64.float().contiguous(memory_format=fmt).requires_grad_(True), gate64.float().requires_grad_(True),
+              w64.float().requires_grad_(True)]
+    ref_inputs = [t.clone().requires_grad_(True) for t in (x64, gate64, w64)]
+    out = gated_pointwise_conv(*inputs)
+    ref = torch.nn.functional.conv2d(ref_inputs[0] * ref_inputs[1][:, :, None, None], ref_inputs[2])
+    assert out.is_contiguous(memory_format=fmt)
+    assert relative_error(out, ref) < 1e-6
+    for name, a, b in zip(("dx", "dgate", "dweight"), torch.autograd.grad(out, inputs, dy.float()),
+                          torch.autograd.grad(ref, ref_inputs, dy)):
+        assert relative_error(a, b) < 1e-5, name
+
+
+def test_fused_mbconv_keeps_no_gated_activation_for_the_backward():
+    """On a fused path SE's gate goes into the projection's weights: autograd keeps the depthwise
+    output once, and nothing of its size is written for the gated product."""
+    block = randomize(MBConv(8, 8, (6, 6))).train()
+    if dispatch.why_not("dwconv_bn_gelu", "triton") or dispatch.why_not("batch_norm_act", "triton"):
+        assert not torch.cuda.is_available()
+        return  # no Triton here (nor its interpreter): nothing fused to check
+    fused = set_backend(copy.deepcopy(block), "triton")
+    x = torch.randn(2, 8, 6, 6)
+    hidden = (2, 32, 6, 6)
+
+    def kept_hidden(model):
+        storages = set()
+
+        def pack(t):
+            if t.numel() == torch.Size(hidden).numel():
+                storages.add(t.untyped_storage()._cdata)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return len(storages)
+
+    # Eager keeps the expand conv's output, the BN output (GELU's input), the depthwise input, its
+    # conv output, BN output, the GELU output (SE's multiply) and the gated product (the projection's
+    # input); fused: the expand conv's output, the depthwise input and the depthwise output.
+    assert kept_hidden(block) > kept_hidden(fused) == 3
+
+
+@pytest.mark.parametrize("side", [2, 4], ids=["small-multiplies", "large-folds"])
+def test_projection_forward_gated_matches_the_gated_modules(side, monkeypatch):
+    """PointwiseConvBN.forward_gated folds the gate into per-image weights when H * W >= C_out
+    (side 4: 16 >= 8) and multiplies the activation otherwise (side 2): both match the seed's
+    modules on x * gate, with the residual added."""
+    from coatnet_fast.models import PointwiseConvBN
+    from coatnet_fast.models import layers
+
+    folded = []
+    real = layers.gated_pointwise_conv
+    monkeypatch.setattr(layers, "gated_pointwise_conv", lambda *a: folded.append(1) or real(*a))
+    torch.manual_seed(0)
+    module = randomize(PointwiseConvBN(6, 8, gelu=False))
+    plain = copy.deepcopy(torch.nn.Sequential(*module))
+    x, gate = torch.randn(3, 6, side, side), torch.rand(3, 6)
+    res = torch.randn(3, 8, side, side)
+    out = module.forward_gated(x, gate, residual=res)
+    assert len(folded) == (side == 4)
+    assert relative_error(out, res + plain(x * gate[:, :, None, None])) < 1e-6

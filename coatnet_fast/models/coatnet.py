@@ -55,11 +55,19 @@ class SE(nn.Module):
     def excite(self, x, squeezed):
         """Scale x by the gate computed from its channel means ``squeezed`` [B, C]."""
         b, c = squeezed.shape
-        return x * self.fc(squeezed.to(x.dtype)).view(b, c, 1, 1)
+        return x * self.gate(squeezed, x.dtype).view(b, c, 1, 1)
+
+    def gate(self, squeezed, dtype):
+        """The per-image channel gate [B, C] from the channel means ``squeezed``, in ``dtype``."""
+        return self.fc(squeezed.to(dtype))
 
 
 class MBConv(nn.Module):
     """Inverted bottleneck: 1x1 expand (stride 2 when downsampling), 3x3 depthwise, SE, 1x1 project."""
+
+    # On fused backends SE's gate goes into the projection's weights (``gated_pointwise_conv``)
+    # rather than multiplying the activation; False keeps the multiply (benchmarks compare).
+    se_gate_in_projection = True
 
     def __init__(self, in_c, out_c, image_size, downsample=False, expansion=4, drop_path_rate=0.0, **_unused):
         super().__init__()
@@ -87,11 +95,15 @@ class MBConv(nn.Module):
         if blk.dw_conv.backend == "eager" and blk.pro_conv.backend == "eager":
             # The seed's Sequential, op for op.
             return shortcut + drop_path(blk(x), self.drop_path_rate, self.training)
-        # Fused backends hand SE its squeeze from the depthwise kernel's epilogue, and add the
-        # residual in the projection's BatchNorm pass.
+        # Fused backends hand SE its squeeze from the depthwise kernel's epilogue, fold its gate
+        # into the projection's weights (SE never re-reads the activation), and add the residual
+        # in the projection's BatchNorm pass.
         h, squeezed = blk.dw_conv.forward_pooled(blk.expand_conv(x))
-        h = blk.se.excite(h, squeezed)
-        return blk.pro_conv(h, residual=shortcut, branch_scale=drop_path_scale(h, self.drop_path_rate, self.training))
+        scale = drop_path_scale(h, self.drop_path_rate, self.training)
+        if not self.se_gate_in_projection:
+            return blk.pro_conv(blk.se.excite(h, squeezed), residual=shortcut, branch_scale=scale)
+        gate = blk.se.gate(squeezed, h.dtype)
+        return blk.pro_conv.forward_gated(h, gate, residual=shortcut, branch_scale=scale)
 
 
 class Attention(nn.Module, FusedOpModule):

@@ -104,13 +104,53 @@ class PointwiseConvBN(_FusedBNSequential):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``residual + branch_scale[b] * self(x)``; each part only when given."""
+        return self._normalise(self[0](x), residual, branch_scale)
+
+    def forward_gated(self, x: torch.Tensor, gate: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                      branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward(x * gate[:, :, None, None], ...)`` for a per-image channel gate [B, C_in] (SE's
+        excitation), with the gate folded into the 1x1 conv's weights (``gated_pointwise_conv``):
+        the gated activation is never written, read back or kept for the backward."""
+        conv = self[0]
+        plain = (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+                 and conv.groups == 1 and conv.bias is None and type(conv) is nn.Conv2d)
+        # Per-image weights [B, C_out, C_in] beat the gated activation [B, C_in, H, W] they spare
+        # only when H * W >= C_out (CoAtNet at 224: 3136 vs 96, 784 vs 192; not small images).
+        if plain and x.shape[2] * x.shape[3] >= conv.out_channels:
+            z = gated_pointwise_conv(x, gate, conv.weight)
+        else:
+            z = conv(x * gate.to(x.dtype).view(*gate.shape, 1, 1))
+        return self._normalise(z, residual, branch_scale)
+
+    def _normalise(self, z, residual, branch_scale):
+        """The children after the conv, then the scale and the residual: fused where the op
+        computes exactly that, else module by module."""
         if self.backend == "eager" or self._runs_as_modules():
-            y = nn.Sequential.forward(self, x)  # the seed's modules, and then the block's drop_path and add
+            y = z
+            for module in list(self)[1:]:  # the seed's BatchNorm (and GELU), then the block's drop_path and add
+                y = module(y)
             y = y if branch_scale is None else y * branch_scale.to(y.dtype).view(-1, 1, 1, 1)
             return y if residual is None else residual + y
         params, kwargs = self._bn_args()
-        return batch_norm_act(self[0](x), *params, activation="gelu" if len(self) == 3 else "identity",
+        return batch_norm_act(z, *params, activation="gelu" if len(self) == 3 else "identity",
                               residual=residual, branch_scale=branch_scale, **kwargs)
+
+
+def gated_pointwise_conv(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv2d(x * gate[:, :, None, None], weight)`` for a bias-free 1x1 conv, as one batched GEMM
+    with the gate in per-image weights ([B, C_out, C_in], small): (W * g_b) x_b = W (g_b x_b). x is
+    read in place (channels_last or NCHW, no copy) and is all autograd keeps of it; the gated
+    activation, which SE's multiply would write and keep, never exists."""
+    batch, channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    # In x's dtype, as autocast would cast the conv's weight (one rounding of W * g_b).
+    weights = (weight.view(1, out_channels, channels) * gate.view(batch, 1, channels)).to(x.dtype)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view: [B, HW, C]
+        out = torch.bmm(rows, weights.transpose(1, 2))
+        return out.view(batch, height, width, out_channels).permute(0, 3, 1, 2)  # channels_last
+    out = torch.bmm(weights, x.reshape(batch, channels, height * width))
+    return out.view(batch, out_channels, height, width)
 
 
 def drop_path_scale(x: torch.Tensor, rate: float, training: bool) -> Optional[torch.Tensor]:
