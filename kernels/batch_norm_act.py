@@ -12,10 +12,10 @@ partials in a fixed order (deterministic, no atomics), merged by one more small 
   each channel, so that a channel with mean 1e3 and std 1 keeps its variance to fp32 rounding.
 - ``_apply`` (training pass 2, eval's only pass): y = residual + s_b * act((x - mean) * scale + beta),
   with scale = gamma * rstd per channel from the launcher.
-- ``_bwd_reduce`` (training): per-split sums of du and du * xhat, du being the gradient at the
-  BatchNorm's output (through GELU and s_b); d(beta) and d(gamma) are their totals.
-- ``_bwd_dx``: dx by BatchNorm's training backward (from those totals) or eval backward; in eval
-  it also writes the two partial sums, so eval's backward is one pass.
+- ``_bwd``: per-split sums of du and du * xhat, du being the gradient at the BatchNorm's output
+  (through GELU and s_b), whose totals are d(beta) and d(gamma); and dx, by BatchNorm's training
+  backward (from those totals, so training runs it twice: sums, then dx) or its eval backward
+  (no totals needed: one run writes dx and the sums).
 Nothing but x is kept for the backward: xhat and the GELU input are recomputed from it.
 """
 from __future__ import annotations
@@ -119,12 +119,18 @@ def _channel_params(MEAN, RSTD, GAMMA, BETA, BSCALE, b, offs_c, c_ok, HAS_BSCALE
 
 
 @triton.jit
-def _bwd_reduce(X, DY, MEAN, RSTD, GAMMA, BETA, BSCALE, SUM_DU, SUM_DU_XHAT,
-                sx_b, sx_c, sx_p, sdy_b, sdy_c, sdy_p, C, P, P_SPLIT,
-                GELU: tl.constexpr, HAS_BSCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bwd(X, DY, MEAN, RSTD, GAMMA, BETA, BSCALE, DBETA, DGAMMA, DX, SUM_DU, SUM_DU_XHAT,
+         sx_b, sx_c, sx_p, sdy_b, sdy_c, sdy_p, sdx_b, sdx_c, sdx_p, C, P, P_SPLIT, inv_count,
+         GELU: tl.constexpr, HAS_BSCALE: tl.constexpr, TRAINING: tl.constexpr,
+         WRITE_DX: tl.constexpr, WRITE_SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Training runs it twice: sums only (d(beta) and d(gamma)'s partials), then dx from their
+    totals (DBETA, DGAMMA). Eval's dx needs no totals, so one run writes dx and the sums."""
     b, offs_c, c_ok, split, p_begin, p_end = _program(C, P, P_SPLIT, BLOCK_C)
     mean, rstd, gamma, beta, branch_scale = _channel_params(MEAN, RSTD, GAMMA, BETA, BSCALE, b, offs_c, c_ok,
                                                             HAS_BSCALE)
+    if WRITE_DX and TRAINING:
+        mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
+        mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
     sum_du = tl.zeros([BLOCK_C], tl.float32)
     sum_du_xhat = tl.zeros([BLOCK_C], tl.float32)
     for start in range(p_begin, p_end, BLOCK_P):
@@ -132,40 +138,15 @@ def _bwd_reduce(X, DY, MEAN, RSTD, GAMMA, BETA, BSCALE, SUM_DU, SUM_DU_XHAT,
         ok = (offs_p < p_end)[:, None] & c_ok[None, :]
         du, xhat = _du_tile(X, DY, b, offs_p, ok, offs_c, mean, rstd, gamma, beta, branch_scale,
                             sx_b, sx_c, sx_p, sdy_b, sdy_c, sdy_p, GELU, HAS_BSCALE)
-        sum_du += tl.sum(du, 0)
-        sum_du_xhat += tl.sum(du * xhat, 0)
-    out = (b * tl.num_programs(1) + split) * C + offs_c
-    tl.store(SUM_DU + out, sum_du, mask=c_ok)
-    tl.store(SUM_DU_XHAT + out, sum_du_xhat, mask=c_ok)
-
-
-@triton.jit
-def _bwd_dx(X, DY, MEAN, RSTD, GAMMA, BETA, BSCALE, DBETA, DGAMMA, DX, SUM_DU, SUM_DU_XHAT,
-            sx_b, sx_c, sx_p, sdy_b, sdy_c, sdy_p, sdx_b, sdx_c, sdx_p, C, P, P_SPLIT, inv_count,
-            GELU: tl.constexpr, HAS_BSCALE: tl.constexpr, TRAINING: tl.constexpr,
-            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, offs_c, c_ok, split, p_begin, p_end = _program(C, P, P_SPLIT, BLOCK_C)
-    mean, rstd, gamma, beta, branch_scale = _channel_params(MEAN, RSTD, GAMMA, BETA, BSCALE, b, offs_c, c_ok,
-                                                            HAS_BSCALE)
-    if TRAINING:
-        mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
-        mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
-    else:  # eval: dx needs no totals, so this pass also produces d(beta) and d(gamma)'s partials
-        sum_du = tl.zeros([BLOCK_C], tl.float32)
-        sum_du_xhat = tl.zeros([BLOCK_C], tl.float32)
-    for start in range(p_begin, p_end, BLOCK_P):
-        offs_p = start + tl.arange(0, BLOCK_P)
-        ok = (offs_p < p_end)[:, None] & c_ok[None, :]
-        du, xhat = _du_tile(X, DY, b, offs_p, ok, offs_c, mean, rstd, gamma, beta, branch_scale,
-                            sx_b, sx_c, sx_p, sdy_b, sdy_c, sdy_p, GELU, HAS_BSCALE)
-        if TRAINING:  # batch statistics depend on every input: BatchNorm's training backward
-            dx = (du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]) * (gamma * rstd)[None, :]
-        else:
-            dx = du * (gamma * rstd)[None, :]
+        if WRITE_SUMS:
             sum_du += tl.sum(du, 0)
             sum_du_xhat += tl.sum(du * xhat, 0)
-        tl.store(_tile(DX, b, offs_p, offs_c, sdx_b, sdx_c, sdx_p), dx.to(DX.dtype.element_ty), mask=ok)
-    if not TRAINING:
+        if WRITE_DX:
+            if TRAINING:  # batch statistics depend on every input: BatchNorm's training backward
+                du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
+            tl.store(_tile(DX, b, offs_p, offs_c, sdx_b, sdx_c, sdx_p),
+                     (du * (gamma * rstd)[None, :]).to(DX.dtype.element_ty), mask=ok)
+    if WRITE_SUMS:
         out = (b * tl.num_programs(1) + split) * C + offs_c
         tl.store(SUM_DU + out, sum_du, mask=c_ok)
         tl.store(SUM_DU_XHAT + out, sum_du_xhat, mask=c_ok)
@@ -281,19 +262,18 @@ def backward(dy, x, gamma, beta, mean, rstd, gelu: bool, branch_scale: Optional[
     grid, per_program, splits, block_p, block_c, warps = _launch(x)
     has_bscale = branch_scale is not None
     bscale = branch_scale if has_bscale else mean
-    params = (mean, rstd, gamma, beta, bscale)
     sum_du = torch.empty((batch, splits, channels), dtype=torch.float32, device=x.device)
     sum_du_xhat = torch.empty_like(sum_du)
-    meta = dict(GELU=gelu, HAS_BSCALE=has_bscale, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    args = (x, dy, mean, rstd, gamma, beta, bscale)
+    strides = (*_strides(x), *_strides(dy), *_strides(dx), channels, height * width, per_program,
+               1.0 / max(1, batch * height * width))  # eval allows an empty batch
+    meta = dict(GELU=gelu, HAS_BSCALE=has_bscale, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c,
+                num_warps=warps)
     if training:
-        _bwd_reduce[grid](x, dy, *params, sum_du, sum_du_xhat, *_strides(x), *_strides(dy),
-                          channels, height * width, per_program, **meta)
+        _bwd[grid](*args, mean, mean, dx, sum_du, sum_du_xhat, *strides, WRITE_DX=False, WRITE_SUMS=True, **meta)
         dbeta, dgamma = sum_du.sum((0, 1)), sum_du_xhat.sum((0, 1))
+        _bwd[grid](*args, dbeta, dgamma, dx, sum_du, sum_du_xhat, *strides, WRITE_DX=True, WRITE_SUMS=False, **meta)
     else:
-        dbeta = dgamma = mean  # unread in eval
-    _bwd_dx[grid](x, dy, *params, dbeta, dgamma, dx, sum_du, sum_du_xhat,
-                  *_strides(x), *_strides(dy), *_strides(dx), channels, height * width, per_program,
-                  1.0 / max(1, batch * height * width), TRAINING=training, **meta)  # eval allows an empty batch
-    if not training:
+        _bwd[grid](*args, mean, mean, dx, sum_du, sum_du_xhat, *strides, WRITE_DX=True, WRITE_SUMS=True, **meta)
         dbeta, dgamma = sum_du.sum((0, 1)), sum_du_xhat.sum((0, 1))
     return dx, dgamma, dbeta

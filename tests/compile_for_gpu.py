@@ -77,9 +77,10 @@ def cases():
             yield bna._stats, act, tiles, w
             for gelu in (True, False):  # MBConv's expand (GELU) and projection (scale, residual)
                 yield bna._apply, act, dict(tiles, GELU=gelu, HAS_RES=not gelu, HAS_BSCALE=not gelu), w
-                yield bna._bwd_reduce, act, dict(tiles, GELU=gelu, HAS_BSCALE=not gelu), w
-                for training in (True, False):
-                    yield bna._bwd_dx, act, dict(tiles, GELU=gelu, HAS_BSCALE=not gelu, TRAINING=training), w
+                # training's two runs (sums, then dx) and eval's one
+                for training, write_dx, write_sums in ((True, False, True), (True, True, False), (False, True, True)):
+                    yield bna._bwd, act, dict(tiles, GELU=gelu, HAS_BSCALE=not gelu, TRAINING=training,
+                                              WRITE_DX=write_dx, WRITE_SUMS=write_sums), w
 
 
 def main() -> int:
