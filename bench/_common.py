@@ -42,6 +42,17 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)
 
 
+def start_payload(name: str, args, device):
+    """(JSON path, copy bandwidth in GB/s, payload) of an op benchmark: ``--out`` or
+    bench/results/<name>_<device>.json, and the arguments but ``--out`` as its config."""
+    out_path = Path(args.out or RESULTS_DIR / f"{name}_{device.type}.json")
+    bandwidth = copy_bandwidth(device) / 1e9
+    payload = {"benchmark": name, "env": environment(),
+               "config": {k: v for k, v in vars(args).items() if k != "out"}, "copy_bandwidth_gbps": bandwidth,
+               "results": []}
+    return out_path, bandwidth, payload
+
+
 def relative_errors(names, actual, expected) -> dict:
     return {k: ((a.double() - b.double()).norm() / b.double().norm()).item()
             for k, a, b in zip(names, actual, expected)}

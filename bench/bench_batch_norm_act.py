@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import add_speedups, copy_bandwidth, environment, relative_errors, report, timed_passes  # noqa: E402
+from _common import add_speedups, relative_errors, report, start_payload, timed_passes  # noqa: E402
 
 
 from coatnet_fast.ops import batch_norm_act, dispatch  # noqa: E402
@@ -91,11 +91,7 @@ def main(argv=None) -> int:
         args.batch, args.dtype = 2, "fp32"
     dtype = DTYPES[args.dtype]
     elem = torch.finfo(dtype).bits // 8
-    out_path = Path(args.out or Path(__file__).parent / "results" / f"batch_norm_act_{device.type}.json")
-    bandwidth = copy_bandwidth(device) / 1e9
-    payload = {"benchmark": "batch_norm_act", "env": environment(),
-               "config": {k: v for k, v in vars(args).items() if k != "out"}, "copy_bandwidth_gbps": bandwidth,
-               "results": []}
+    out_path, bandwidth, payload = start_payload("batch_norm_act", args, device)
     failed = False
     for label, part, height, width, channels in shapes:
         projection = part == "projection"
