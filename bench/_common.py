@@ -53,6 +53,17 @@ def start_payload(name: str, args, device):
     return out_path, bandwidth, payload
 
 
+def with_compiled_peer(eager_op, device) -> dict:
+    """{"eager": eager_op} plus, on a GPU, {"compile": torch.compile(eager_op)} from a fresh cache:
+    built once per case (shape and mode), since past dynamo's recompile limit the function would
+    silently run uncompiled under that name."""
+    fns = {"eager": eager_op}
+    if device.type == "cuda":
+        torch.compiler.reset()
+        fns["compile"] = torch.compile(eager_op)
+    return fns
+
+
 def relative_errors(names, actual, expected) -> dict:
     return {k: ((a.double() - b.double()).norm() / b.double().norm()).item()
             for k, a, b in zip(names, actual, expected)}

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import add_speedups, relative_errors, report, start_payload, timed_passes  # noqa: E402
+from _common import (  # noqa: E402
+    add_speedups, relative_errors, report, start_payload, timed_passes, with_compiled_peer)
 
 
 from coatnet_fast.ops import dispatch, dwconv_bn_gelu  # noqa: E402
@@ -38,12 +39,7 @@ def eager_op(x, w, g, b, rm, rv, training):
 
 def providers(device, tiles=()):
     """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (see ``use_tiles``)."""
-    fns = {"eager": eager_op}
-    if device.type == "cuda":
-        # A fresh cache for every case (providers() is called per shape and mode): past dynamo's
-        # recompile limit the function would silently run uncompiled under this name.
-        torch.compiler.reset()
-        fns["compile"] = torch.compile(eager_op)
+    fns = with_compiled_peer(eager_op, device)  # providers() is called per shape and mode
     for backend in dispatch.BACKENDS:
         if backend != "eager" and not dispatch.why_not("dwconv_bn_gelu", backend):
             fns[backend] = (lambda x, w, g, b, rm, rv, training, _b=backend:
