@@ -4,7 +4,7 @@ import torch
 
 import coatnet_fast
 from coatnet_fast import BackendUnavailableError, CoAtNet, get_backend, set_backend
-from coatnet_fast.models import Attention, DWConvBNGELU, PointwiseConvBN
+from coatnet_fast.models import Attention, DWConvBNGELU, ConvBN
 from coatnet_fast.ops import dispatch, dwconv_bn_gelu, rel_bias_attention
 from coatnet_fast.ops.rel_bias_attention import rel_bias_attention_eager, table_rows
 
@@ -105,13 +105,13 @@ def test_set_backend_swaps_every_fusable_module_and_back(table_snapshot):
     assert calls == []
     assert set_backend(model, "triton") is model and get_backend(model) == "triton"
     assert list(model.state_dict()) == keys
-    fusable = (Attention, DWConvBNGELU, PointwiseConvBN)
+    fusable = (Attention, DWConvBNGELU, ConvBN)
     assert all(m.backend == "triton" for m in model.modules() if isinstance(m, fusable))
     assert _close(model(x), expected)  # MBConv's fused path folds SE's gate into the projection: reassociated
     n_attn = sum(isinstance(m, Attention) for m in model.modules())
     n_dw = sum(isinstance(m, DWConvBNGELU) for m in model.modules())
-    n_pw = sum(isinstance(m, PointwiseConvBN) for m in model.modules())
-    assert n_pw == 2 * n_dw > 0  # each MBConv's expand and projection
+    n_pw = sum(isinstance(m, ConvBN) for m in model.modules())
+    assert n_pw == 2 * n_dw + len(model.s0) and n_dw > 0  # each MBConv's expand and projection, each stem layer
     assert sorted(calls) == sorted(["rel_bias_attention"] * n_attn + ["dwconv_bn_gelu"] * n_dw
                                    + ["batch_norm_act"] * n_pw)
     calls.clear()
@@ -133,7 +133,7 @@ def test_set_backend_keeps_the_ops_a_backend_lacks_on_eager(table_snapshot):
     x = torch.randn(2, 3, 64, 64)
     expected = model(x)
     assert set_backend(model, "ext") is model and get_backend(model) == "ext"
-    assert {m.backend for m in model.modules() if isinstance(m, PointwiseConvBN)} == {"eager"}
+    assert {m.backend for m in model.modules() if isinstance(m, ConvBN)} == {"eager"}
     assert {m.backend for m in model.modules() if isinstance(m, (Attention, DWConvBNGELU))} == {"ext"}
     assert _close(model(x), expected) and set(calls) == {"rel_bias_attention", "dwconv_bn_gelu"}
     model.s1[0].block.pro_conv.backend = "triton"

@@ -385,18 +385,18 @@ def test_fuzzed_small_shapes(backend, b, c, h, w, training, gelu, residual, chan
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gelu", [True, False], ids=["expand", "projection"])
 def test_module_matches_the_seed_modules_over_steps(backend, gelu, device):
-    """PointwiseConvBN on each backend against plain nn modules: momentum=None (cumulative
+    """ConvBN on each backend against plain nn modules: momentum=None (cumulative
     average by num_batches_tracked), four training steps, then eval; the state dict is the
     seed Sequential's."""
-    from coatnet_fast.models import PointwiseConvBN
+    from coatnet_fast.models import ConvBN
 
     torch.manual_seed(0)
-    fused = PointwiseConvBN(6, 5, gelu=gelu).to(device)
+    fused = ConvBN(6, 5, gelu=gelu).to(device)
     fused[1].momentum = None
     with torch.no_grad():
         fused[1].weight.uniform_(0.5, 1.5)
         fused[1].bias.uniform_(-0.5, 0.5)
-    plain = torch.nn.Sequential(*[m for m in PointwiseConvBN(6, 5, gelu=gelu)]).to(device)
+    plain = torch.nn.Sequential(*[m for m in ConvBN(6, 5, gelu=gelu)]).to(device)
     plain[1].momentum = None
     assert list(plain.state_dict()) == list(fused.state_dict())
     plain.load_state_dict(fused.state_dict())
@@ -529,7 +529,7 @@ def test_variance_of_a_large_mean_channel_from_small_groups(backend, device):
 def test_modules_the_op_does_not_compute_run_as_modules(backend, device, monkeypatch):
     """A swapped activation (tanh GELU) or a BatchNorm without affine parameters or running
     statistics is not what batch_norm_act computes: those modules run themselves, and match."""
-    from coatnet_fast.models import PointwiseConvBN
+    from coatnet_fast.models import ConvBN
 
     if _refused(backend, torch.randn(2, 5, 3, 3, device=device)):
         return
@@ -544,7 +544,7 @@ def test_modules_the_op_does_not_compute_run_as_modules(backend, device, monkeyp
     }
     for name, change in variants.items():
         torch.manual_seed(0)
-        module = PointwiseConvBN(6, 5).to(device)
+        module = ConvBN(6, 5).to(device)
         change(module)
         module.to(device)
         plain = torch.nn.Sequential(*[m for m in module]).to(device)
@@ -552,7 +552,7 @@ def test_modules_the_op_does_not_compute_run_as_modules(backend, device, monkeyp
         x = torch.randn(2, 6, 4, 4, device=device)
         assert torch.equal(module(x), plain(x)), name
     assert calls == []
-    module = PointwiseConvBN(6, 5).to(device)
+    module = ConvBN(6, 5).to(device)
     module.backend = backend
     module(torch.randn(2, 6, 4, 4, device=device))
     assert calls == [1]

@@ -458,17 +458,17 @@ def test_fused_mbconv_keeps_no_gated_activation_for_the_backward():
 
 @pytest.mark.parametrize("side", [2, 4], ids=["small-multiplies", "large-folds"])
 def test_projection_forward_gated_matches_the_gated_modules(side, monkeypatch):
-    """PointwiseConvBN.forward_gated folds the gate into per-image weights when H * W >= C_out
+    """ConvBN.forward_gated folds the gate into per-image weights when H * W >= C_out
     (side 4: 16 >= 8) and multiplies the activation otherwise (side 2): both match the seed's
     modules on x * gate, with the residual added."""
-    from coatnet_fast.models import PointwiseConvBN
+    from coatnet_fast.models import ConvBN
     from coatnet_fast.models import layers
 
     folded = []
     real = layers.gated_pointwise_conv
     monkeypatch.setattr(layers, "gated_pointwise_conv", lambda *a: folded.append(1) or real(*a))
     torch.manual_seed(0)
-    module = randomize(PointwiseConvBN(6, 8, gelu=False))
+    module = randomize(ConvBN(6, 8, gelu=False))
     plain = copy.deepcopy(torch.nn.Sequential(*module))
     x, gate = torch.randn(3, 6, side, side), torch.rand(3, 6)
     res = torch.randn(3, 8, side, side)

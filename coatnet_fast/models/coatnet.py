@@ -22,17 +22,14 @@ from einops import rearrange
 
 from ..ops import dispatch
 from ..ops.rel_bias_attention import rel_bias_attention, relative_position_index
-from .layers import DWConvBNGELU, FusedOpModule, PointwiseConvBN, drop_path, drop_path_scale, set_backend
+from .layers import ConvBN, DWConvBNGELU, FusedOpModule, drop_path, drop_path_scale, set_backend
 
 
 def conv_3x3_bn(in_c, out_c, image_size, downsample=False, **_unused):
-    """S0 stem layer: 3x3 conv (stride 2 when downsampling), BatchNorm, GELU."""
+    """S0 stem layer: 3x3 conv (stride 2 when downsampling), BatchNorm, GELU; the seed's
+    Sequential, whose BatchNorm + GELU run as one op on fused backends."""
     stride = 2 if downsample else 1
-    return nn.Sequential(
-        nn.Conv2d(in_c, out_c, 3, stride, 1, bias=False),
-        nn.BatchNorm2d(out_c),
-        nn.GELU(),
-    )
+    return ConvBN(in_c, out_c, 3, stride, gelu=True)
 
 
 class SE(nn.Module):
@@ -83,10 +80,10 @@ class MBConv(nn.Module):
             )
 
         layers = OrderedDict()
-        layers["expand_conv"] = PointwiseConvBN(in_c, hidden_dim, stride, gelu=True)  # 1x1 conv, BN, GELU
+        layers["expand_conv"] = ConvBN(in_c, hidden_dim, 1, stride, gelu=True)  # 1x1 conv, BN, GELU
         layers["dw_conv"] = DWConvBNGELU(hidden_dim)
         layers["se"] = SE(in_c, hidden_dim)
-        layers["pro_conv"] = PointwiseConvBN(hidden_dim, out_c, gelu=False)  # 1x1 conv, BN
+        layers["pro_conv"] = ConvBN(hidden_dim, out_c, 1, gelu=False)  # 1x1 conv, BN
         self.block = nn.Sequential(layers)
 
     def forward(self, x):

@@ -89,15 +89,17 @@ class DWConvBNGELU(_FusedBNSequential):
         return dwconv_bn_gelu_pool(x, *params, **kwargs)
 
 
-class PointwiseConvBN(_FusedBNSequential):
-    """The seed's ``expand_conv`` (Conv2d 1x1, BatchNorm2d, GELU) or ``pro_conv`` (Conv2d 1x1,
-    BatchNorm2d): cuDNN's 1x1 conv, then BatchNorm, the GELU when there is one, and optionally
-    the block's residual add, as one op (``batch_norm_act``)."""
+class ConvBN(_FusedBNSequential):
+    """The seed's Sequential(Conv2d, BatchNorm2d[, GELU]): the stem's 3x3 layers (``conv_3x3_bn``),
+    MBConv's ``expand_conv`` (1x1, GELU) and ``pro_conv`` (1x1, no GELU). cuDNN's conv, then
+    BatchNorm, the GELU when there is one, and optionally the block's residual add, as one op
+    (``batch_norm_act``)."""
 
     fused_op = "batch_norm_act"
 
-    def __init__(self, in_c: int, out_c: int, stride: int = 1, gelu: bool = True, backend: str = "eager"):
-        layers = [nn.Conv2d(in_c, out_c, 1, stride, 0, bias=False), nn.BatchNorm2d(out_c)]
+    def __init__(self, in_c: int, out_c: int, kernel_size: int = 1, stride: int = 1, gelu: bool = True,
+                 backend: str = "eager"):
+        layers = [nn.Conv2d(in_c, out_c, kernel_size, stride, kernel_size // 2, bias=False), nn.BatchNorm2d(out_c)]
         super().__init__(*(layers + [nn.GELU()] if gelu else layers))
         self.backend = backend
 
