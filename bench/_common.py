@@ -64,6 +64,20 @@ def with_compiled_peer(eager_op, device) -> dict:
     return fns
 
 
+def with_tiles(fns: dict, tiles) -> dict:
+    """Add ``triton@PxCxW`` providers, the triton backend at forced tiles (``use_tiles``)."""
+    if "triton" in fns:
+        for t in tiles:
+            fns[f"triton@{t}"] = fns["triton"]
+    return fns
+
+
+def use_tiles(kernels, provider: str) -> None:
+    """Set the kernel module's FORCED_TILES (BLOCK_P, BLOCK_C, num_warps) for ``triton@PxCxW``,
+    else None (the launcher's own choice); left set for the whole timed step, backward included."""
+    kernels.FORCED_TILES = tuple(int(v) for v in provider.split("@")[1].split("x")) if "@" in provider else None
+
+
 def relative_errors(names, actual, expected) -> dict:
     return {k: ((a.double() - b.double()).norm() / b.double().norm()).item()
             for k, a, b in zip(names, actual, expected)}

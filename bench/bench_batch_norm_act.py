@@ -1,7 +1,8 @@
 """batch_norm_act: forward and forward+backward at CoAtNet-0 MBConv shapes, train and eval.
 
-The two places MBConv uses it, after cuDNN's 1x1 convs:
-- ``expand``: BatchNorm + GELU on the hidden activation (S1 56x56 C384, S2 28x28 C384/C768);
+The places CoAtNet uses it, after cuDNN's convs:
+- ``stem``: BatchNorm + GELU after each 3x3 conv of S0 (112x112 C64);
+- ``expand``: BatchNorm + GELU on MBConv's hidden activation (S1 56x56 C384, S2 28x28 C384/C768);
 - ``projection``: BatchNorm, stochastic depth's per-image scale and the residual add on the
   block output (S1 56x56 C96, S2 28x28 C192).
 Providers (each checked against an fp32 eager computation, output and all gradients, before
@@ -26,14 +27,14 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from _common import (  # noqa: E402
-    add_speedups, relative_errors, report, start_payload, timed_passes, with_compiled_peer)
+    add_speedups, relative_errors, report, start_payload, timed_passes, use_tiles, with_compiled_peer, with_tiles)
 
-
+from coatnet_fast.kernels import batch_norm_act as kernels  # noqa: E402
 from coatnet_fast.ops import batch_norm_act, dispatch  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (label, part, H, W, channels) of CoAtNet-0 at 224x224.
-SHAPES = [("s1 56x56 C384", "expand", 56, 56, 384), ("s2 28x28 C384", "expand", 28, 28, 384),
+SHAPES = [("s0 112x112 C64", "stem", 112, 112, 64), ("s1 56x56 C384", "expand", 56, 56, 384), ("s2 28x28 C384", "expand", 28, 28, 384),
           ("s2 28x28 C768", "expand", 28, 28, 768), ("s1 56x56 C96", "projection", 56, 56, 96),
           ("s2 28x28 C192", "projection", 28, 28, 192)]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -46,14 +47,15 @@ def eager_op(x, g, b, rm, rv, training, residual, branch_scale):
     return residual + y * branch_scale.to(y.dtype).view(-1, 1, 1, 1)
 
 
-def providers(device):
+def providers(device, tiles=()):
+    """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (``use_tiles``)."""
     fns = with_compiled_peer(eager_op, device)  # providers() is called per shape and mode
     for backend in dispatch.BACKENDS:
         if backend != "eager" and not dispatch.why_not("batch_norm_act", backend):
             fns[backend] = (lambda x, g, b, rm, rv, training, residual, branch_scale, _b=backend: batch_norm_act(
                 x, g, b, rm, rv, training=training, activation="gelu" if residual is None else "identity",
                 residual=residual, branch_scale=branch_scale, backend=_b))
-    return fns
+    return with_tiles(fns, tiles)
 
 
 def make_inputs(batch, channels, height, width, dtype, device, projection, seed=0):
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--modes", default="train,eval")
+    p.add_argument("--tiles", default="", help="also time the triton backend at these tiles, e.g. 32x64x4,64x64x8 "
+                   "(BLOCK_P x BLOCK_C x num_warps)")
     p.add_argument("--smoke", action="store_true", help="batch 2, 8x8, 16 channels, fp32")
     p.add_argument("--out", help="JSON path (default: bench/results/batch_norm_act_<device>.json)")
     args = p.parse_args(argv)
@@ -110,7 +114,8 @@ def main(argv=None) -> int:
             ref_out = eager_op(*ref_in[:3], *ref_stats, training, ref_res, ref_scale)
             ref = (ref_out,) + torch.autograd.grad(ref_out, ref_in, grad_out.float())
             rows = []
-            for name, fn in providers(device).items():
+            for name, fn in providers(device, [t for t in args.tiles.split(",") if t]).items():
+                use_tiles(kernels, name)
                 try:
                     run_stats = [t.clone() for t in pristine]
                     out = fn(x, *params, *run_stats, training, residual, branch_scale)
@@ -133,6 +138,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # a provider that cannot run is reported, not fatal
                     traceback.print_exc()
                     rows.append({"provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
+            use_tiles(kernels, "")
             add_speedups(rows)
             failed |= report(rows, payload, out_path, shape=label, part=part, batch=args.batch, dtype=args.dtype,
                              layout="channels_last")

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from _common import (  # noqa: E402
-    add_speedups, relative_errors, report, start_payload, timed_passes, with_compiled_peer)
+    add_speedups, relative_errors, report, start_payload, timed_passes, use_tiles, with_compiled_peer, with_tiles)
 
-
+from coatnet_fast.kernels import dwconv_bn_gelu as kernels  # noqa: E402
 from coatnet_fast.ops import dispatch, dwconv_bn_gelu  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -38,24 +38,13 @@ def eager_op(x, w, g, b, rm, rv, training):
 
 
 def providers(device, tiles=()):
-    """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (see ``use_tiles``)."""
+    """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (``use_tiles``)."""
     fns = with_compiled_peer(eager_op, device)  # providers() is called per shape and mode
     for backend in dispatch.BACKENDS:
         if backend != "eager" and not dispatch.why_not("dwconv_bn_gelu", backend):
             fns[backend] = (lambda x, w, g, b, rm, rv, training, _b=backend:
                             dwconv_bn_gelu(x, w, g, b, rm, rv, training=training, backend=_b))
-    if "triton" in fns:
-        for t in tiles:
-            fns[f"triton@{t}"] = fns["triton"]
-    return fns
-
-
-def use_tiles(provider: str) -> None:
-    """Force the Triton kernels' (BLOCK_P, BLOCK_C, num_warps) for ``triton@PxCxW``, else the
-    launcher's own choice; set for the whole timed step, backward included."""
-    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
-
-    kernels.FORCED_TILES = tuple(int(v) for v in provider.split("@")[1].split("x")) if "@" in provider else None
+    return with_tiles(fns, tiles)
 
 
 def make_inputs(batch, channels, height, width, dtype, device, seed=0):
@@ -102,7 +91,7 @@ def main(argv=None) -> int:
             tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
             rows = []
             for name, fn in providers(device, [t for t in args.tiles.split(",") if t]).items():
-                use_tiles(name)
+                use_tiles(kernels, name)
                 try:
                     run_stats = [t.clone() for t in pristine]
                     out = fn(x, *params, *run_stats, training)
@@ -126,7 +115,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # a provider that cannot run is reported, not fatal
                     traceback.print_exc()
                     rows.append({"provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
-            use_tiles("")
+            use_tiles(kernels, "")
             add_speedups(rows)
             failed |= report(rows, payload, out_path, shape=label, batch=args.batch, dtype=args.dtype,
                              layout="channels_last")

@@ -86,6 +86,7 @@ def provider_fns(window, device):
 
         if n <= kernels.SMALL_N_MAX:  # the same op through the tiled backward (see use_backward_path)
             fns["triton@tiled"] = fns["triton"]
+            fns["triton@small-8w"] = fns["triton"]
 
     if device.type == "cuda":
         from torch.nn.attention.flex_attention import flex_attention
@@ -119,13 +120,20 @@ def provider_fns(window, device):
 
 def use_backward_path(provider: str) -> None:
     """``triton@tiled`` sends a small window through the tiled backward kernels instead of the
-    single-tile one, for the whole timed step; every other provider gets the default."""
+    single-tile one, and ``triton@small-8w`` runs the single-tile one at 8 warps (ptxas with
+    Triton 3.6 spills 32 bytes a thread at 4 warps for a 7x7 window at d = 32, none at 8, which
+    in turn leaves one program an SM), for the whole timed step; every other provider gets the
+    default."""
     if "triton" not in provider:
         return
     from coatnet_fast.kernels import rel_bias_attention as kernels
 
     default = _DEFAULT_SMALL_N_MAX.setdefault("value", kernels.SMALL_N_MAX)
     kernels.SMALL_N_MAX = 0 if provider == "triton@tiled" else default
+    if provider == "triton@small-8w":
+        kernels.FORCED_TILES[kernels._bwd_small] = dict(num_warps=8, num_stages=1)
+    else:
+        kernels.FORCED_TILES.pop(kernels._bwd_small, None)
 
 
 _DEFAULT_SMALL_N_MAX: dict = {}  # the kernels module's own value, read before the first change

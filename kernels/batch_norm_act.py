@@ -164,7 +164,11 @@ POSITIONS_PER_PROGRAM = 1024
 def _blocks(x: torch.Tensor, channels: int):
     """(BLOCK_P, BLOCK_C, num_warps). channels_last is contiguous in C, so its tiles are wide in C;
     NCHW is contiguous in P, so its tiles are long in P. Sixteen elements a thread on a GPU (no
-    nine-tap reuse here to hold registers); the CPU interpreter pays per chunk, so larger tiles."""
+    nine-tap reuse here to hold registers): channels_last compiles to at most 128 registers, no
+    spills (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16). NCHW reads P through
+    a mask whose end is computed in the kernel, so its loads stay scalar (255 registers, 16
+    bytes of spill in ``_bwd``); channels_last is the fast path. The CPU interpreter pays per
+    chunk, so larger tiles."""
     if FORCED_TILES is not None:
         return FORCED_TILES
     on_cpu = x.device.type == "cpu"

@@ -246,10 +246,12 @@ FORCED_TILES: Optional[Tuple[int, int, int]] = None
 def _blocks(x: torch.Tensor, channels: int):
     """(BLOCK_P, BLOCK_C, num_warps). channels_last reads channels contiguously, so its tiles are
     wide in C; NCHW reads rows contiguously, so its tiles are long in P. Eight tile elements a
-    thread: with sixteen (64x64 or 128x16 at 4 warps) ptxas (sm_90) gave every kernel 235-255
-    registers and spilled up to 1.6 KB a thread, since the nine tap loads are all kept in flight;
-    at eight no kernel spills and none needs more than 170 registers. The CPU interpreter runs
-    programs one by one at a cost per chunk, whatever its size, so it gets the larger tiles."""
+    thread, since the nine tap loads are all kept in flight: as a launch specializes them
+    (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16) every kernel fits in 204
+    registers (channels_last) or 253 (NCHW) without spills; at sixteen, 32x64 at 4 warps still
+    does not spill (248), while 64x64 at 4 warps spills 256 bytes and 128x16 568. Which is faster
+    is for a GPU to say (``bench_dwconv_bn_gelu.py --tiles``). The CPU interpreter runs programs
+    one by one at a cost per chunk, whatever its size, so it gets the larger tiles."""
     if FORCED_TILES is not None:
         return FORCED_TILES
     block_c = min(64, max(16, triton.next_power_of_2(channels)))

@@ -324,8 +324,9 @@ FWD_CONFIGS = [_config(*c) for c in [(16, 64, 2), (32, 64, 4), (32, 128, 4), (64
 DKDV_CONFIGS = [_config(*c) for c in [(16, 32, 2), (32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 4),
                                       (64, 128, 8), (128, 64, 8)]]
 # _bwd_dq_dbias keeps the bias tile and its d(bias) sum live across its batch loop, beside the
-# score tiles: at 16 tile elements a thread ptxas (sm_90, d=32, bf16) spilled 300-1,700 bytes a
-# thread (32x64 at 4 warps: 620). These are the tiles that spilled at most 120 bytes at d=32.
+# score tiles, so its list keeps to eight tile elements a thread or fewer: none of these spills
+# at d = 32 as a launch specializes them (tests/compile_for_gpu.py --ptxas, triton 3.6, sm_90a,
+# bf16: at most 246 registers).
 DQ_DBIAS_CONFIGS = [_config(*c) for c in [(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 32, 8), (64, 32, 8),
                                           (32, 64, 8)]]
 
@@ -397,10 +398,16 @@ def _strides(t: torch.Tensor):
     return tuple(t.stride())
 
 
+def output_rows(batch: int, heads: int, n: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty [B, heads, N, d] tensor over [B, N, heads, d] storage (also the fake kernel's)."""
+    return torch.empty((batch, n, heads, d), dtype=dtype, device=device).transpose(1, 2)
+
+
 def rel_bias_attention_fwd(q, k, v, table, height: int, width: int, scale: float):
-    """o [B, heads, N, d] (q's dtype, contiguous) and lse [B, heads, N] fp32."""
+    """o [B, heads, N, d] (q's dtype) and lse [B, heads, N] fp32. o is stored [B, N, heads, d]:
+    the module's next step merges the heads into rows ([B, N, heads * d]) as a view, not a copy."""
     batch, heads, n, d = q.shape
-    o = torch.empty((batch, heads, n, d), dtype=q.dtype, device=q.device)
+    o = output_rows(batch, heads, n, d, q.dtype, q.device)
     lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
     args = (q, k, v, table, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(table),
             heads, n, height, width, scale)

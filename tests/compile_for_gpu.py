@@ -4,9 +4,20 @@ Triton's compiler and the ptxas it ships run on the CPU, so this catches what th
 interpreter cannot: type errors in loop-carried values, unsupported ops, register or shared
 memory blow-ups at the tile sizes we launch. Run without TRITON_INTERPRET (under it, kernels
 are interpreted functions, not compilable ones). Prints one line per kernel; exits 1 on failure.
+
+Each kernel compiles as a launch specializes it (``specialization``): Triton's JIT turns an int
+argument equal to 1 into a constant and marks pointers and ints divisible by 16, and that is
+what lets it vectorize along a unit stride. Compiled without it, the same kernels read element by
+element through 64-bit addresses and need two to four times the registers, so counts taken that
+way say little about the GPU. ``--ptxas`` adds ptxas's register and spill counts (sm_90a, with
+the ptxas this Triton uses for Hopper) to each line.
 """
+import argparse
 import inspect
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -40,8 +51,61 @@ def signature(kernel, act, constexprs):
     return sig
 
 
+def _is_stride(name: str) -> bool:
+    return re.fullmatch(r"s[a-z]*_[a-z]", name) is not None
+
+
+def specialization(kernel, constexprs, layout):
+    """(ints the launch passes as 1, argument indices it marks divisible by 16) for ``layout``:
+    - "rows" (attention): q, k, v, o and do have unit head-dim strides (``*_d``; q, k, v are views
+      of the qkv projection), the bias table [R, heads] a unit head stride (``st_h``); their other
+      strides are multiples of 16 at d = 32 (the table's row stride, ``heads``, is not);
+    - "channels_last": unit channel strides; the channel count and the other strides multiples of
+      16, as at CoAtNet's widths (the channel mask then keeps whole vectors, so loads vectorize); "nchw": unit position (``*_p``) or column (``*_w``) strides, and of the
+      rest only the image strides are sure to be multiples of 16 (H * W = 196 is not);
+    - the depthwise weight [C, 1, 3, 3] has a unit column stride; None: only pointers.
+    Every pointer is 16-byte aligned (a fresh allocation, or a qkv view at a multiple of d)."""
+    params = list(inspect.signature(kernel.fn).parameters)
+    strides = [n for n in params if _is_stride(n)]
+    if layout == "rows":
+        ones = [n for n in strides if n.endswith("_d") or n == "st_h"]
+        divisible = [n for n in strides if n not in ones and n != "st_r"]
+    elif layout == "channels_last":
+        ones = [n for n in strides if n.endswith("_c") and n != "sw_c"] + [n for n in strides if n == "sw_w"]
+        divisible = [n for n in strides if n not in ones and not n.startswith("sw_")] + [n for n in params if n == "C"]
+    elif layout == "nchw":
+        ones = [n for n in strides if n.endswith(("_p", "_w"))]
+        divisible = [n for n in strides if n.endswith("_b")]
+    else:
+        ones, divisible = [], []
+    pointers = [n for n in params if n.isupper() and n not in SIZES and n not in constexprs]
+    attrs = {(params.index(n),): [["tt.divisibility", 16]] for n in pointers + divisible}
+    return {n: 1 for n in ones}, attrs
+
+
+def source(kernel, act, constexprs, layout):
+    ones, attrs = specialization(kernel, constexprs, layout)
+    constants = dict(constexprs, **ones)
+    return ASTSource(fn=kernel, signature=signature(kernel, act, constants), constexprs=constants, attrs=attrs)
+
+
+def ptxas_usage(compiled) -> str:
+    """ptxas -v's register and spill counts for the compiled PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = f"{tmp}/kernel.ptx"
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        done = subprocess.run([get_ptxas(TARGET.arch).path, "-v", "--gpu-name", "sm_90a", ptx, "-o", f"{tmp}/k.cubin"],
+                              capture_output=True, text=True)
+    report = done.stdout + done.stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return f" regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}"
+
+
 def cases():
-    yield common._merge_stats, "fp32", dict(BLOCK_G=64, BLOCK_C=32), dict(num_warps=4)  # fp32 partials only
+    yield common._merge_stats, "fp32", dict(BLOCK_G=64, BLOCK_C=32), dict(num_warps=4), None  # fp32 partials only
     for act in ("bf16", "fp16", "fp32"):
         ieee = act == "fp32"
         for kernel, configs in ((attn._fwd, attn.FWD_CONFIGS), (attn._bwd_dkdv, attn.DKDV_CONFIGS),
@@ -49,53 +113,59 @@ def cases():
             if act != "bf16":
                 configs = [attn._config(32, 64, 4)]
             for c in configs:
-                yield kernel, act, dict(c.kwargs, D=32, IEEE=ieee), dict(num_warps=c.num_warps, num_stages=c.num_stages)
+                yield kernel, act, dict(c.kwargs, D=32, IEEE=ieee), dict(num_warps=c.num_warps, num_stages=c.num_stages), "rows"
             # The largest head dim at the tiles used when not autotuning (shared memory grows with d).
             fixed = attn._fixed(kernel, 196, 128, torch.device("cuda"))
             tiles = {key: fixed.pop(key) for key in ("BLOCK_M", "BLOCK_N")}
-            yield kernel, act, dict(tiles, D=128, IEEE=ieee), fixed
+            yield kernel, act, dict(tiles, D=128, IEEE=ieee), fixed, "rows"
         # The single-tile backward at the smallest and largest padded windows (7x7 pads to 64).
         for block, d in [(b, d) for b in (16, 64) for d in (32, 64, 128)] if act == "bf16" else [(64, 32)]:
-            yield attn._bwd_small, act, dict(BLOCK=block, D=d, IEEE=ieee), attn._small_config(block, d, ieee)
-        yield attn._bwd_delta, act, dict(BLOCK_M=128, D=32), dict(num_warps=4)
-        yield attn._bias_to_table, act, dict(BLOCK_R=32, BLOCK_I=64), dict(num_warps=4)
+            yield attn._bwd_small, act, dict(BLOCK=block, D=d, IEEE=ieee), attn._small_config(block, d, ieee), "rows"
+        yield attn._bwd_delta, act, dict(BLOCK_M=128, D=32), dict(num_warps=4), "rows"
+        yield attn._bias_to_table, act, dict(BLOCK_R=32, BLOCK_I=64), dict(num_warps=4), "rows"
         # The tiles a GPU launch picks for channels_last and NCHW (meta tensors: only the device
         # type and layout are read).
-        for memory_format in (torch.channels_last, torch.contiguous_format):
+        for memory_format, layout in ((torch.channels_last, "channels_last"), (torch.contiguous_format, "nchw")):
             x = torch.empty(2, 384, 8, 8, device="meta").contiguous(memory_format=memory_format)
             block_p, block_c, warps = dw._blocks(x, 384)
             tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
             for stride in (1, 2):
-                yield dw._stats, act, dict(tiles, STRIDE=stride), w
-                yield dw._bwd_dx, act, dict(tiles, STRIDE=stride), w
+                yield dw._stats, act, dict(tiles, STRIDE=stride), w, layout
+                yield dw._bwd_dx, act, dict(tiles, STRIDE=stride), w, layout
                 for flag in (True, False):  # training / eval variants of each kernel
-                    yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), w
-                    yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=flag), w
-                    yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), w
+                    yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), w, layout
+                    yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=flag), w, layout
+                    yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), w, layout
             block_p, block_c, warps = bna._blocks(x, 384)
             tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
-            yield bna._stats, act, tiles, w
+            yield bna._stats, act, tiles, w, layout
             for gelu in (True, False):  # MBConv's expand (GELU) and projection (scale, residual)
-                yield bna._apply, act, dict(tiles, GELU=gelu, HAS_RES=not gelu, HAS_BSCALE=not gelu), w
+                yield bna._apply, act, dict(tiles, GELU=gelu, HAS_RES=not gelu, HAS_BSCALE=not gelu), w, layout
                 # training's two runs (sums, then dx) and eval's one
                 for training, write_dx, write_sums in ((True, False, True), (True, True, False), (False, True, True)):
                     yield bna._bwd, act, dict(tiles, GELU=gelu, HAS_BSCALE=not gelu, TRAINING=training,
-                                              WRITE_DX=write_dx, WRITE_SUMS=write_sums), w
+                                              WRITE_DX=write_dx, WRITE_SUMS=write_sums), w, layout
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ptxas", action="store_true", help="add ptxas's register and spill counts")
+    parser.add_argument("--kernels", nargs="*", help="only these kernels (e.g. _apply _bwd)")
+    parser.add_argument("--layouts", nargs="*", help="only these layouts (rows, channels_last, nchw)")
+    args = parser.parse_args()
     failed = 0
-    for kernel, act, constexprs, options in cases():
+    for kernel, act, constexprs, options, layout in cases():
+        name = kernel.fn.__name__
+        if (args.kernels and name not in args.kernels) or (args.layouts and layout not in args.layouts):
+            continue
         t0 = time.perf_counter()
         try:
-            src = ASTSource(fn=kernel, signature=signature(kernel, act, constexprs), constexprs=constexprs)
-            compiled = triton.compile(src, target=TARGET, options=options)
-            detail = f"shared={compiled.metadata.shared}"
+            compiled = triton.compile(source(kernel, act, constexprs, layout), target=TARGET, options=options)
+            detail = f"shared={compiled.metadata.shared}" + (ptxas_usage(compiled) if args.ptxas else "")
         except Exception as e:  # report every failure, not just the first
             failed += 1
             detail = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        name = kernel.fn.__name__
-        print(f"{name} {act} {constexprs} {options}: {detail} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        print(f"{name} {act} {layout} {constexprs} {options}: {detail} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return 1 if failed else 0
 
 

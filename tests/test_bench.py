@@ -203,15 +203,18 @@ def test_bench_dwconv_bn_gelu_smoke(tmp_path):
 def test_bench_batch_norm_act_smoke(tmp_path):
     import bench_batch_norm_act
 
+    from coatnet_fast.kernels import batch_norm_act as kernels
+
     out = tmp_path / "bna.json"
-    assert bench_batch_norm_act.main(["--smoke", "--out", str(out)]) == 0
+    assert bench_batch_norm_act.main(["--smoke", "--tiles", "16x16x2", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     rows = payload["results"]
     assert {(r["part"], r["mode"], r["pass"]) for r in rows} == {
         (part, mode, which) for part in ("expand", "projection") for mode in ("train", "eval")
         for which in ("fwd", "fwd+bwd")}
     assert all(r["correct"] and r["gbps"] > 0 for r in rows)
-    assert {r["provider"] for r in rows} >= {"eager"} | ({"triton"} if dispatch.triton_available() is None else set())
+    triton = {"triton", "triton@16x16x2"} if dispatch.triton_available() is None else set()
+    assert {r["provider"] for r in rows} >= {"eager"} | triton and kernels.FORCED_TILES is None
 
 
 def test_bench_rel_bias_attention_smoke(tmp_path):
@@ -273,20 +276,20 @@ def test_bench_dispatch_overhead_smoke(tmp_path):
 
 
 def test_bench_rel_bias_attention_times_both_backward_paths(tmp_path):
-    """A small window is timed through the single-tile backward and, as ``triton@tiled``, the
-    tiled one; the switch is put back afterwards."""
+    """A small window is timed through the single-tile backward, as ``triton@small-8w`` through
+    it at 8 warps, and as ``triton@tiled`` through the tiled one; the switches are put back."""
     import bench_rel_bias_attention
 
     from coatnet_fast.kernels import rel_bias_attention as kernels
 
     default = kernels.SMALL_N_MAX
     out = tmp_path / "attn.json"
-    argv = ["--smoke", "--providers", "triton,triton@tiled", "--out", str(out)]
-    assert bench_rel_bias_attention.main(argv) == 0
+    providers = ("triton", "triton@tiled", "triton@small-8w")
+    assert bench_rel_bias_attention.main(["--smoke", "--providers", ",".join(providers), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("triton", "triton@tiled")
-                                                          for m in ("fwd", "fwd+bwd")}
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in providers for m in ("fwd", "fwd+bwd")}
     assert all(r["correct"] for r in rows) and kernels.SMALL_N_MAX == default
+    assert kernels._bwd_small not in kernels.FORCED_TILES
 
 
 def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
@@ -304,14 +307,14 @@ def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
 def test_a_provider_can_leave_one_fusion_on_eager():
     """backend:<b>[:compile]:no-<op> measures the model without one fused op (what a fusion is
     worth); the names are checked."""
-    from coatnet_fast.models import MBConv, PointwiseConvBN
+    from coatnet_fast.models import ConvBN, MBConv
 
     settings = dict(image_size=64, smoke=True)
     assert benchmark.parse_provider("backend:triton:compile:no-batch_norm_act") == ("reference", "triton", True)
     net, ops = benchmark.build("backend:triton:no-batch_norm_act", "coatnet_0", settings)
     if dispatch.triton_available() is None:
         assert ops == [op for op in dispatch.ops() if op != "batch_norm_act"]
-        assert {m.backend for m in net.modules() if isinstance(m, PointwiseConvBN)} == {"eager"}
+        assert {m.backend for m in net.modules() if isinstance(m, ConvBN)} == {"eager"}
     net, _ = benchmark.build("backend:triton:no-se-gate", "coatnet_0", settings)
     assert all(not m.se_gate_in_projection for m in net.modules() if isinstance(m, MBConv))
     for bad, message in (("backend:triton:no-nope", "unknown op 'nope'"),
@@ -339,4 +342,4 @@ def test_bench_saved_memory_counts_what_autograd_keeps(tmp_path):
         saved = [rows[p]["saved_bytes"] for p in order]
         assert saved == sorted(saved, reverse=True) and len(set(saved)) == len(order), saved
         assert rows["backend:triton:no-se-gate"]["saved_bytes"] > rows["backend:triton"]["saved_bytes"]
-        assert "PointwiseConvBN" in rows["backend:triton"]["by_module_type_gib"]
+        assert "ConvBN" in rows["backend:triton"]["by_module_type_gib"]

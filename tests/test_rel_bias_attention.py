@@ -186,6 +186,32 @@ def test_fused_kernels_write_every_output_element(backend, device, poison_empty)
     check_against_reference(backend, (24, 24), 16, torch.float32, device, strided=False, batch=1, heads=1)
 
 
+def test_triton_output_merges_heads_without_a_copy(device):
+    """The Triton forward stores o as [B, N, heads, d], so Attention's "b h n d -> b n (h d)" is a
+    view of it, and the backward reads that layout's gradient in place. The custom ops' fake
+    kernels give torch.compile the same strides (opcheck compares them with a real run)."""
+    import importlib
+
+    from einops import rearrange
+
+    op_module = importlib.import_module("coatnet_fast.ops.rel_bias_attention")
+    window = (7, 5)
+    inputs, grad_out = make_inputs(2, 3, window, 16, torch.float32, device, strided=True, seed=5)
+    out = rel_bias_attention(*inputs, window, backend="triton")
+    rows = rearrange(out, "b h n d -> b n (h d)")
+    assert rows.data_ptr() == out.data_ptr() and rows._base is not None  # a view
+    grads = torch.autograd.grad(rows, inputs, rearrange(grad_out, "b h n d -> b n (h d)"))
+    assert_matches_reference(out, grads, inputs, grad_out, window, TOLERANCE[torch.float32])
+    q, k, v, table = (t.detach() for t in inputs)
+    args = (q, k, v, table, window[0], window[1], 16 ** -0.5)
+    torch.library.opcheck(op_module._triton_forward, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    o, lse = op_module._triton_forward(*args)
+    do = rearrange(torch.randn(2, 35, 3 * 16, device=device), "b n (h d) -> b h n d", h=3)
+    torch.library.opcheck(op_module._triton_backward, (do, q, k, v, table, o, lse, window[0], window[1], 16 ** -0.5),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
 def test_auto_picks_the_fused_backend_where_it_can(backend, device, monkeypatch):
     """"auto" takes a capable fused backend (proved by the call landing in it), and eager

@@ -110,8 +110,10 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: to
 
 @_triton_forward.register_fake
 def _(q, k, v, table, height, width, scale):
+    from coatnet_fast.kernels.rel_bias_attention import output_rows
+
     batch, heads, n, d = q.shape
-    return q.new_empty((batch, heads, n, d)), q.new_empty((batch, heads, n), dtype=torch.float32)
+    return output_rows(batch, heads, n, d, q.dtype, q.device), q.new_empty((batch, heads, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("coatnet_fast::rel_bias_attention_triton_backward", mutates_args=())
