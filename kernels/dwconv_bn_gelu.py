@@ -247,9 +247,9 @@ def _blocks(x: torch.Tensor, channels: int):
     """(BLOCK_P, BLOCK_C, num_warps). channels_last reads channels contiguously, so its tiles are
     wide in C; NCHW reads rows contiguously, so its tiles are long in P. Eight tile elements a
     thread, since the nine tap loads are all kept in flight: as a launch specializes them
-    (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16) every kernel fits in 204
-    registers (channels_last) or 253 (NCHW) without spills; at sixteen, 32x64 at 4 warps still
-    does not spill (248), while 64x64 at 4 warps spills 256 bytes and 128x16 568. Which is faster
+    (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16) every kernel fits in 202
+    registers (channels_last) or 255 (NCHW) without spills; at sixteen, 32x64 at 4 warps still
+    does not spill (250), while 64x64 at 4 warps spills 80 bytes and 128x16 528. Which is faster
     is for a GPU to say (``bench_dwconv_bn_gelu.py --tiles``). The CPU interpreter runs programs
     one by one at a cost per chunk, whatever its size, so it gets the larger tiles."""
     if FORCED_TILES is not None:
@@ -281,6 +281,15 @@ def _out_like(x: torch.Tensor, shape, dtype=None):
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
 
 
+def _taps_major(weight: torch.Tensor):
+    """The [C, 1, 3, 3] weight as a [3, 3, C] copy (9 * C values) and its (channel, row, column)
+    strides. Read per tap across a channel block, the seed's layout is a stride-9 gather of one
+    scalar load per channel; tap-major it is contiguous, so each tap is a few vector loads."""
+    channels = weight.shape[0]
+    taps = weight.reshape(channels, 3, 3).permute(1, 2, 0).contiguous()
+    return taps, (taps.stride(2), taps.stride(0), taps.stride(1))
+
+
 def _geometry(x, stride):
     batch, channels, height, width = x.shape
     ho, wo = (height - 1) // stride + 1, (width - 1) // stride + 1
@@ -294,8 +303,9 @@ def batch_stats(x, weight, stride: int):
     block_p, block_c, warps = _blocks(x, channels)
     means = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     m2s = torch.empty_like(means)
+    taps, tap_strides = _taps_major(weight)
     _stats[(image_channel_grid(batch, channels, block_c),)](
-        x, weight, means, m2s, *x.stride(), *weight.stride()[:1], *weight.stride()[2:],
+        x, taps, means, m2s, *x.stride(), *tap_strides,
         channels, height, width, wo, ho * wo,
         STRIDE=stride, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
@@ -311,9 +321,10 @@ def apply(x, weight, scale, shift, stride: int, pool: bool):
     x = _fit_offsets("x", x)
     block_p, block_c, warps = _blocks(x, channels)
     sums = torch.empty((batch, channels) if pool else (0,), dtype=torch.float32, device=x.device)
+    taps, tap_strides = _taps_major(weight)
     _apply[(image_channel_grid(batch, channels, block_c),)](
-        x, weight, shift if scale is None else scale, shift, y, sums,
-        *x.stride(), *weight.stride()[:1], *weight.stride()[2:], *y.stride(),
+        x, taps, shift if scale is None else scale, shift, y, sums,
+        *x.stride(), *tap_strides, *y.stride(),
         channels, height, width, wo, ho * wo,
         STRIDE=stride, HAS_SCALE=scale is not None, HAS_POOL=pool,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
@@ -330,11 +341,12 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     grid = (image_channel_grid(batch, channels, block_c),)
     has_dpool = dpool is not None
     dpool = dpool.contiguous() if has_dpool else mean
-    common = (*x.stride(), *weight.stride()[:1], *weight.stride()[2:], *dy.stride())
+    taps, tap_strides = _taps_major(weight)
+    common = (*x.stride(), *tap_strides, *dy.stride())
     sum_du = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     sum_du_xhat = torch.empty_like(sum_du)
     _bwd_reduce[grid](
-        x, weight, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
+        x, taps, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
         channels, height, width, wo, ho * wo, 1.0,
         STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
@@ -343,14 +355,14 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     dz = _out_like(caller_x, (batch, channels, ho, wo))
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
     _bwd_dz[grid](
-        x, weight, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, dw_partial, *common, *dz.stride(),
+        x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, dw_partial, *common, *dz.stride(),
         channels, height, width, wo, ho * wo, 1.0, 1.0 / max(1, batch * ho * wo),  # eval allows an empty batch
         STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )
     dweight = dw_partial.sum(0).view(channels, 1, 3, 3)
     dx = _out_like(caller_x, x.shape)
     _bwd_dx[grid](
-        dz, weight, dx, *dz.stride(), *weight.stride()[:1], *weight.stride()[2:], *dx.stride(),
+        dz, taps, dx, *dz.stride(), *tap_strides, *dx.stride(),
         channels, height, width, ho, wo,
         STRIDE=stride, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
     )

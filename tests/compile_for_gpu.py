@@ -61,9 +61,11 @@ def specialization(kernel, constexprs, layout):
       of the qkv projection), the bias table [R, heads] a unit head stride (``st_h``); their other
       strides are multiples of 16 at d = 32 (the table's row stride, ``heads``, is not);
     - "channels_last": unit channel strides; the channel count and the other strides multiples of
-      16, as at CoAtNet's widths (the channel mask then keeps whole vectors, so loads vectorize); "nchw": unit position (``*_p``) or column (``*_w``) strides, and of the
-      rest only the image strides are sure to be multiples of 16 (H * W = 196 is not);
-    - the depthwise weight [C, 1, 3, 3] has a unit column stride; None: only pointers.
+      16, as at CoAtNet's widths (the channel mask then keeps whole vectors, so loads vectorize);
+    - "nchw": unit position (``*_p``) or column (``*_w``) strides, and of the rest only the image
+      strides and the channel count are sure to be multiples of 16 (H * W = 196 is not);
+    - the depthwise weight goes in tap-major ([3, 3, C]: a unit channel stride, the others
+      multiples of C) in either layout; None: only pointers.
     Every pointer is 16-byte aligned (a fresh allocation, or a qkv view at a multiple of d)."""
     params = list(inspect.signature(kernel.fn).parameters)
     strides = [n for n in params if _is_stride(n)]
@@ -71,11 +73,11 @@ def specialization(kernel, constexprs, layout):
         ones = [n for n in strides if n.endswith("_d") or n == "st_h"]
         divisible = [n for n in strides if n not in ones and n != "st_r"]
     elif layout == "channels_last":
-        ones = [n for n in strides if n.endswith("_c") and n != "sw_c"] + [n for n in strides if n == "sw_w"]
-        divisible = [n for n in strides if n not in ones and not n.startswith("sw_")] + [n for n in params if n == "C"]
+        ones = [n for n in strides if n.endswith("_c")]
+        divisible = [n for n in strides if n not in ones] + [n for n in params if n == "C"]
     elif layout == "nchw":
-        ones = [n for n in strides if n.endswith(("_p", "_w"))]
-        divisible = [n for n in strides if n.endswith("_b")]
+        ones = [n for n in strides if n.endswith(("_p", "_w")) and n != "sw_w"] + [n for n in strides if n == "sw_c"]
+        divisible = [n for n in strides if n.endswith("_b") or n in ("sw_h", "sw_w")] + [n for n in params if n == "C"]
     else:
         ones, divisible = [], []
     pointers = [n for n in params if n.isupper() and n not in SIZES and n not in constexprs]
