@@ -37,20 +37,36 @@ def image_channel_grid(batch: int, channels: int, block_c: int, name: str = "x")
 
 
 @triton.jit
-def chan_merge(count, mean, m2, z, p_ok):
-    """Fold a [BLOCK_P, BLOCK_C] chunk (rows p_ok) into a running per-column (count, mean, M2).
+def welford_update(count, mean, m2, z, p_ok):
+    """Fold a [BLOCK_P, BLOCK_C] chunk (rows p_ok) into running statistics kept per slot: row
+    counts [BLOCK_P], means and M2 [BLOCK_P, BLOCK_C]. Each slot takes one value a chunk, so the
+    loop reduces nothing across rows: no shuffles or barriers between its loads (a per-chunk
+    column reduction put ten barriers in every iteration). ``welford_total`` merges the slots
+    once, after the loop. Welford's update in deviation form: a channel with mean 1e3 and std 1
+    keeps its variance in fp32, where sums of squares would cancel it away."""
+    count = count + p_ok.to(tl.float32)
+    delta = z - mean
+    mean += tl.where(p_ok[:, None], delta * (1.0 / tl.maximum(count, 1.0))[:, None], 0.0)
+    m2 += tl.where(p_ok[:, None], delta * (z - mean), 0.0)
+    return count, mean, m2
 
-    Chan's parallel formula in deviation form: a channel with mean 1e3 and std 1 keeps its
-    variance in fp32, where sums of squares would cancel it away."""
-    n = tl.sum(p_ok.to(tl.float32), 0)
-    chunk_mean = tl.sum(tl.where(p_ok[:, None], z, 0.0), 0) / tl.maximum(n, 1.0)
-    dev = tl.where(p_ok[:, None], z - chunk_mean[None, :], 0.0)
-    chunk_m2 = tl.sum(dev * dev, 0)
-    total = count + n
-    delta = chunk_mean - mean
-    mean += delta * (n / tl.maximum(total, 1.0))
-    m2 += chunk_m2 + delta * delta * (count * n / tl.maximum(total, 1.0))
-    return total, mean, m2
+
+@triton.jit
+def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's merge of two (count, mean, M2) summaries; empty ones (n = 0) drop out."""
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def welford_total(count, mean, m2):
+    """Per-column (mean, M2) over all slots of ``welford_update``'s statistics, merged in a
+    fixed tree (deterministic)."""
+    n = tl.broadcast_to(count[:, None], mean.shape)
+    _, mean, m2 = tl.reduce((n, mean, m2), 0, _chan_combine)
+    return mean, m2
 
 
 @triton.jit

@@ -8,8 +8,9 @@ layout either way). Programs are (image and channel block, position split): each
 split of positions in chunks of BLOCK_P, so per-channel reductions come out as [B, S, C]
 partials in a fixed order (deterministic, no atomics), merged by one more small kernel.
 
-- ``_stats`` (training, pass 1): per-split channel mean and M2 (Chan's merge) about a value of
-  each channel, so that a channel with mean 1e3 and std 1 keeps its variance to fp32 rounding.
+- ``_stats`` (training, pass 1): per-split channel mean and M2 about a value of each channel
+  (Welford per slot of the tile, then Chan's merge across slots after the loop), so that a
+  channel with mean 1e3 and std 1 keeps its variance to fp32 rounding.
 - ``_apply`` (training pass 2, eval's only pass): y = residual + s_b * act((x - mean) * scale + beta),
   with scale = gamma * rstd per channel from the launcher.
 - ``_bwd``: per-split sums of du and du * xhat, du being the gradient at the BatchNorm's output
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import chan_merge, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats
+from ._common import gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, welford_total, welford_update
 
 
 @triton.jit
@@ -51,15 +52,16 @@ def _stats(X, SHIFT, MEAN, M2, sx_b, sx_c, sx_p, C, P, P_SPLIT,
            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c, c_ok, split, p_begin, p_end = _program(C, P, P_SPLIT, BLOCK_C)
     shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
-    count = tl.sum(tl.zeros([BLOCK_P], tl.float32), 0)  # an fp32 scalar, loop-carried
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
+    count = tl.zeros([BLOCK_P], tl.float32)
+    mean = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for start in range(p_begin, p_end, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < p_end
         z = tl.load(_tile(X, b, offs_p, offs_c, sx_b, sx_c, sx_p), mask=p_ok[:, None] & c_ok[None, :],
                     other=0.0).to(tl.float32) - shift[None, :]
-        count, mean, m2 = chan_merge(count, mean, m2, z, p_ok)
+        count, mean, m2 = welford_update(count, mean, m2, z, p_ok)
+    mean, m2 = welford_total(count, mean, m2)
     out = (b * tl.num_programs(1) + split) * C + offs_c
     tl.store(MEAN + out, mean, mask=c_ok)
     tl.store(M2 + out, m2, mask=c_ok)
@@ -131,16 +133,17 @@ def _bwd(X, DY, MEAN, RSTD, GAMMA, BETA, BSCALE, DBETA, DGAMMA, DX, SUM_DU, SUM_
     if WRITE_DX and TRAINING:
         mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
         mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
-    sum_du = tl.zeros([BLOCK_C], tl.float32)
-    sum_du_xhat = tl.zeros([BLOCK_C], tl.float32)
+    # Summed per slot and reduced across rows once, after the loop (see welford_update).
+    sum_du = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    sum_du_xhat = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for start in range(p_begin, p_end, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         ok = (offs_p < p_end)[:, None] & c_ok[None, :]
         du, xhat = _du_tile(X, DY, b, offs_p, ok, offs_c, mean, rstd, gamma, beta, branch_scale,
                             sx_b, sx_c, sx_p, sdy_b, sdy_c, sdy_p, GELU, HAS_BSCALE)
         if WRITE_SUMS:
-            sum_du += tl.sum(du, 0)
-            sum_du_xhat += tl.sum(du * xhat, 0)
+            sum_du += du
+            sum_du_xhat += du * xhat
         if WRITE_DX:
             if TRAINING:  # batch statistics depend on every input: BatchNorm's training backward
                 du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
@@ -148,8 +151,8 @@ def _bwd(X, DY, MEAN, RSTD, GAMMA, BETA, BSCALE, DBETA, DGAMMA, DX, SUM_DU, SUM_
                      (du * (gamma * rstd)[None, :]).to(DX.dtype.element_ty), mask=ok)
     if WRITE_SUMS:
         out = (b * tl.num_programs(1) + split) * C + offs_c
-        tl.store(SUM_DU + out, sum_du, mask=c_ok)
-        tl.store(SUM_DU_XHAT + out, sum_du_xhat, mask=c_ok)
+        tl.store(SUM_DU + out, tl.sum(sum_du, 0), mask=c_ok)
+        tl.store(SUM_DU_XHAT + out, tl.sum(sum_du_xhat, 0), mask=c_ok)
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -166,8 +169,8 @@ def _blocks(x: torch.Tensor, channels: int):
     NCHW is contiguous in P, so its tiles are long in P. Sixteen elements a thread on a GPU (no
     nine-tap reuse here to hold registers): channels_last compiles to at most 128 registers, no
     spills (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16). NCHW reads P through
-    a mask whose end is computed in the kernel, so its loads stay scalar (255 registers, 16
-    bytes of spill in ``_bwd``); channels_last is the fast path. The CPU interpreter pays per
+    a mask whose end is computed in the kernel, so its loads stay scalar (up to 241 registers,
+    no spills); channels_last is the fast path. The CPU interpreter pays per
     chunk, so larger tiles."""
     if FORCED_TILES is not None:
         return FORCED_TILES

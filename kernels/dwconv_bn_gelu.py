@@ -7,8 +7,9 @@ Per-channel reductions therefore finish inside one program per image, in a fixed
 are deterministic and need no atomics, and partials are per image ([B, C]; [B, C, 9] for
 d(weight)), not per tile.
 
-- ``_stats`` (training, pass 1): per-image channel mean and M2 of the conv output, merged over
-  chunks with Chan's formula (exact in fp32 for a channel with mean 1e3 and std 1).
+- ``_stats`` (training, pass 1): per-image channel mean and M2 of the conv output: Welford's
+  update per slot of the tile over the chunks, then Chan's merge across the slots once (exact
+  in fp32 for a channel with mean 1e3 and std 1; no reduction across rows inside the loop).
 - ``_apply`` (training pass 2, and eval's only pass): conv, per-channel affine, GELU; in eval
   the BatchNorm is folded into the weights and a shift by the launcher. Optionally the
   per-image channel sums of the output (the SE block's average pool) in the same pass.
@@ -28,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import chan_merge, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats
+from ._common import (gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, welford_total,
+                      welford_update)
 
 
 
@@ -68,15 +70,16 @@ def _stats(X, WT, MEAN, M2,
            STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
-    count = tl.sum(tl.zeros([BLOCK_P], tl.float32), 0)  # an fp32 scalar, loop-carried
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
+    count = tl.zeros([BLOCK_P], tl.float32)
+    mean = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for start in range(0, P, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
         z = _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
                        H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
-        count, mean, m2 = chan_merge(count, mean, m2, z, p_ok)
+        count, mean, m2 = welford_update(count, mean, m2, z, p_ok)
+    mean, m2 = welford_total(count, mean, m2)
     tl.store(MEAN + b * C + offs_c, mean, mask=c_ok)
     tl.store(M2 + b * C + offs_c, m2, mask=c_ok)
 
@@ -92,7 +95,7 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
     shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
     if HAS_SCALE:
         scale = tl.load(SCALE + offs_c, mask=c_ok, other=0.0)
-    pool = tl.zeros([BLOCK_C], tl.float32)
+    pool = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
     for start in range(0, P, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
@@ -108,9 +111,9 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
         tl.store((Y + b * sy_b) + (offs_c[None, :] * sy_c + (ho * sy_h + wo * sy_w)[:, None]),
                  y.to(Y.dtype.element_ty), mask=ok)
         if HAS_POOL:
-            pool += tl.sum(tl.where(ok, y, 0.0), 0)
+            pool += tl.where(ok, y, 0.0)
     if HAS_POOL:
-        tl.store(POOL + b * C + offs_c, pool, mask=c_ok)
+        tl.store(POOL + b * C + offs_c, tl.sum(pool, 0), mask=c_ok)
 
 
 @triton.jit
@@ -145,18 +148,18 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
-    sum_du = tl.zeros([BLOCK_C], tl.float32)
-    sum_du_xhat = tl.zeros([BLOCK_C], tl.float32)
+    sum_du = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
+    sum_du_xhat = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for start in range(0, P, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
         du, xhat, gamma, rstd = _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
                                          sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
                                          C, H, W, WO, inv_p, STRIDE, HAS_DPOOL, BLOCK_P, BLOCK_C)
-        sum_du += tl.sum(du, 0)
-        sum_du_xhat += tl.sum(du * xhat, 0)
-    tl.store(SUM_DU + b * C + offs_c, sum_du, mask=c_ok)
-    tl.store(SUM_DU_XHAT + b * C + offs_c, sum_du_xhat, mask=c_ok)
+        sum_du += du
+        sum_du_xhat += du * xhat
+    tl.store(SUM_DU + b * C + offs_c, tl.sum(sum_du, 0), mask=c_ok)
+    tl.store(SUM_DU_XHAT + b * C + offs_c, tl.sum(sum_du_xhat, 0), mask=c_ok)
 
 
 @triton.jit
@@ -247,9 +250,9 @@ def _blocks(x: torch.Tensor, channels: int):
     """(BLOCK_P, BLOCK_C, num_warps). channels_last reads channels contiguously, so its tiles are
     wide in C; NCHW reads rows contiguously, so its tiles are long in P. Eight tile elements a
     thread, since the nine tap loads are all kept in flight: as a launch specializes them
-    (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16) every kernel fits in 202
-    registers (channels_last) or 255 (NCHW) without spills; at sixteen, 32x64 at 4 warps still
-    does not spill (250), while 64x64 at 4 warps spills 80 bytes and 128x16 528. Which is faster
+    (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16) every kernel fits in 196
+    registers (channels_last) or 243 (NCHW) without spills; at sixteen, 32x64 at 4 warps still
+    does not spill (250), while 64x64 at 4 warps spills 400 bytes and 128x16 812. Which is faster
     is for a GPU to say (``bench_dwconv_bn_gelu.py --tiles``). The CPU interpreter runs programs
     one by one at a cost per chunk, whatever its size, so it gets the larger tiles."""
     if FORCED_TILES is not None:
