@@ -33,8 +33,8 @@ import torch
 from ._paths import csrc_dir
 
 NAMESPACE = "coatnet_fast_ext"
-CPU_SOURCES = ("ops.cpp", "rel_bias_attention_cpu.cpp", "dwconv_bn_gelu_cpu.cpp")
-CUDA_SOURCES = ("ops_cuda.cpp", "rel_bias_attention_cuda.cu", "dwconv_bn_gelu_cuda.cu")
+CPU_SOURCES = ("ops.cpp", "rel_bias_attention_cpu.cpp", "dwconv_bn_gelu_cpu.cpp", "batch_norm_act_cpu.cpp")
+CUDA_SOURCES = ("ops_cuda.cpp", "rel_bias_attention_cuda.cu", "dwconv_bn_gelu_cuda.cu", "batch_norm_act_cuda.cu")
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 
 

@@ -29,6 +29,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_gelu_backwa
     const at::Tensor& weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t stride, bool training);
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x);
+
+at::Tensor batch_norm_act_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                                    const at::Tensor& beta, bool gelu, const std::optional<at::Tensor>& residual,
+                                    const std::optional<at::Tensor>& branch_scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const at::Tensor& mean, const at::Tensor& rstd, bool gelu, const std::optional<at::Tensor>& branch_scale,
+    bool training);
+
 // Tests set COATNET_FAST_POISON_OUTPUTS=1 so that outputs start as NaN: an element a kernel
 // forgets to write then fails the comparison instead of passing on leftover memory.
 bool poison_outputs();

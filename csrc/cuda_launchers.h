@@ -99,4 +99,39 @@ cudaError_t dwconv_bn_gelu_backward_launch(
     int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t stride,
     bool training, bool channels_last, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// BatchNorm (per-channel affine of the centred x) + exact GELU or identity, then an optional
+// per-image scale and residual add.
+//   x: dtype [batch, channels, positions] (positions = H * W), NCHW-contiguous
+//      (channels_last == false) or channels_last-contiguous. Outputs shaped like x use the same
+//      layout. Per-channel vectors: acc [channels]; branch_scale: acc [batch] or nullptr.
+// ---------------------------------------------------------------------------------------------
+
+size_t batch_norm_stats_workspace_bytes(DType dtype, int64_t batch, int64_t channels, int64_t positions);
+
+// mean, var: acc [channels], the batch mean and biased variance of x.
+cudaError_t batch_norm_stats_launch(
+    DType dtype, const void* x, void* mean, void* var, void* workspace, size_t workspace_bytes,
+    int64_t batch, int64_t channels, int64_t positions, bool channels_last, cudaStream_t stream);
+
+// y = residual + branch_scale[b] * act((x - mean) * scale + beta), act GELU when gelu.
+// y and residual (or nullptr): out_dtype, which is dtype, Float32 or Float64 (the promoted dtype
+// of x and the residual), layout of x.
+cudaError_t batch_norm_act_forward_launch(
+    DType dtype, DType out_dtype, const void* x, const void* mean, const void* scale,
+    const void* beta, const void* residual, const void* branch_scale, void* y, int64_t batch,
+    int64_t channels, int64_t positions, bool gelu, bool channels_last, cudaStream_t stream);
+
+size_t batch_norm_act_backward_workspace_bytes(DType dtype, int64_t batch, int64_t channels,
+                                               int64_t positions);
+
+// grad_y, dx: dtype, layout of x. bn_weight, bn_bias, mean, rstd: acc [channels];
+// dgamma, dbeta: acc [channels]. training: mean and rstd are the batch's statistics (BatchNorm's
+// training backward), else running statistics (no terms through them).
+cudaError_t batch_norm_act_backward_launch(
+    DType dtype, const void* grad_y, const void* x, const void* bn_weight, const void* bn_bias,
+    const void* mean, const void* rstd, const void* branch_scale, void* dx, void* dgamma,
+    void* dbeta, void* workspace, size_t workspace_bytes, int64_t batch, int64_t channels,
+    int64_t positions, bool gelu, bool training, bool channels_last, cudaStream_t stream);
+
 }  // namespace coatnet_fast_cuda

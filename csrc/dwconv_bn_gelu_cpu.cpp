@@ -28,50 +28,25 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_common.h"
 #include "cpu_kernels.h"
 
 namespace coatnet_fast_ext {
 namespace {
 
-using at::vec::Vectorized;
+using namespace cpu;
 
-constexpr double kInvSqrt2 = 0.70710678118654752440;
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;
-
-// Elements of work per parallel_for item below which another thread costs more than it saves.
-constexpr int64_t kGrainElements = 1 << 15;
 // Upper bound on the channels_last weight-gradient partials ([blocks, 9, C]); bounds memory, and
 // being a constant keeps the blocking (hence the summation order) independent of the thread count.
 constexpr int64_t kMaxWeightGradBlocks = 16;
-
-int64_t grain(int64_t elements_per_item) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_item));
-}
 
 struct Geometry {
   int64_t batch, channels, height, width, out_h, out_w, stride;
   bool channels_last;
 };
 
-bool is_channels_last(const at::Tensor& x) {
-  // A tensor contiguous both ways (C == 1, or H == W == 1) counts as NCHW, as the Python side's
-  // fake kernels decide the output format the same way.
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 at::MemoryFormat memory_format(const Geometry& g) {
   return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-at::ScalarType acc_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor; got device ", t.device());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ",
-              name, " must be float32, float64, float16 or bfloat16; got ", dtype);
 }
 
 Geometry check_geometry(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
@@ -100,122 +75,11 @@ at::Tensor in_layout(const at::Tensor& t, const Geometry& g) {
   return t.contiguous(memory_format(g));
 }
 
-// A [C] per-channel tensor as a contiguous acc-dtype one.
-at::Tensor channel_param(const char* op, const char* name, const at::Tensor& t, int64_t channels,
-                         at::ScalarType acc) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must have shape [C] = [", channels,
-              "]; got ", t.sizes());
-  check_floating(op, name, t);
-  return t.to(acc).contiguous();
-}
-
 // The depthwise kernel as [C, 9] (NCHW: nine scalars per plane) or [9, C] (channels_last: one
 // contiguous vector of channels per tap).
 at::Tensor kernel_taps(const at::Tensor& weight, const Geometry& g, at::ScalarType acc) {
   at::Tensor w = weight.to(acc).reshape({g.channels, 9});
   return g.channels_last ? w.t().contiguous() : w.contiguous();
-}
-
-// ---- vector helpers --------------------------------------------------------------------------
-
-// n lanes of p (n <= size), the rest zero, in acc precision.
-template <typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> load_acc(const scalar_t* p, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return Vectorized<acc_t>::loadu(p, n);
-  } else {
-    if (n == Vectorized<acc_t>::size()) {
-      Vectorized<acc_t> v;
-      at::vec::load_to_float(p, v);
-      return v;
-    }
-    acc_t lanes[Vectorized<acc_t>::size()] = {};
-    for (int64_t i = 0; i < n; ++i) {
-      lanes[i] = static_cast<acc_t>(p[i]);
-    }
-    return Vectorized<acc_t>::loadu(lanes);
-  }
-}
-
-// Writes the first n lanes of v to p, rounding to scalar_t.
-template <typename scalar_t, typename acc_t>
-inline void store_acc(scalar_t* p, const Vectorized<acc_t>& v, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    v.store(p, n);
-  } else {
-    acc_t lanes[Vectorized<acc_t>::size()];
-    v.store(lanes);
-    for (int64_t i = 0; i < n; ++i) {
-      p[i] = static_cast<scalar_t>(lanes[i]);
-    }
-  }
-}
-
-// v with lanes n.. zeroed: tail lanes must not leak into sums (GELU of a zero conv is not zero).
-template <typename acc_t>
-inline Vectorized<acc_t> first_lanes(const Vectorized<acc_t>& v, int64_t n) {
-  return n < Vectorized<acc_t>::size() ? Vectorized<acc_t>::set(Vectorized<acc_t>(0), v, n) : v;
-}
-
-// Sum of the lanes in a fixed order, in double.
-template <typename acc_t>
-inline double lane_sum(const Vectorized<acc_t>& v) {
-  acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  double sum = 0;
-  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) {
-    sum += lanes[i];
-  }
-  return sum;
-}
-
-// erf in fp32 as the odd rational minimax fit on [-4, 4] that Eigen and XLA use (beyond it erf
-// rounds to +-1): about 1e-7 absolute error like Vectorized<float>::erf, but a clamp, eleven FMAs
-// and one division instead of a Sleef exp, which makes GELU the cheaper half of the forward.
-// fp64 keeps Sleef's erf.
-template <typename acc_t>
-inline Vectorized<acc_t> vec_erf(const Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    using V = Vectorized<float>;
-    const V x = at::vec::clamp(v, V(-4.f), V(4.f));
-    const V x2 = x * x;
-    V p = at::vec::fmadd(x2, V(-2.72614225801306e-10f), V(2.77068142495902e-08f));
-    p = at::vec::fmadd(x2, p, V(-2.10102402082508e-06f));
-    p = at::vec::fmadd(x2, p, V(-5.69250639462346e-05f));
-    p = at::vec::fmadd(x2, p, V(-7.34990630326855e-04f));
-    p = at::vec::fmadd(x2, p, V(-2.95459980854025e-03f));
-    p = at::vec::fmadd(x2, p, V(-1.60960333262415e-02f));
-    V q = at::vec::fmadd(x2, V(-1.45660718464996e-05f), V(-2.13374055278905e-04f));
-    q = at::vec::fmadd(x2, q, V(-1.68282697438203e-03f));
-    q = at::vec::fmadd(x2, q, V(-7.37332916720468e-03f));
-    q = at::vec::fmadd(x2, q, V(-1.42647390514189e-02f));
-    return x * p / q;
-  } else {
-    return v.erf();
-  }
-}
-
-template <typename acc_t>
-inline Vectorized<acc_t> gelu(const Vectorized<acc_t>& u) {
-  using V = Vectorized<acc_t>;
-  return u * V(acc_t(0.5)) * (V(acc_t(1)) + vec_erf(u * V(acc_t(kInvSqrt2))));
-}
-
-// d gelu / du = Phi(u) + u * phi(u).
-template <typename acc_t>
-inline Vectorized<acc_t> gelu_grad(const Vectorized<acc_t>& u) {
-  using V = Vectorized<acc_t>;
-  const V cdf = V(acc_t(0.5)) * (V(acc_t(1)) + vec_erf(u * V(acc_t(kInvSqrt2))));
-  const V arg = u * u * V(acc_t(-0.5));
-  // fp32: ATen's inline exp (20 ulp), not Sleef's out-of-line one, whose call spills every vector
-  // register of the backward loops.
-  V pdf;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    pdf = arg.exp_u20() * V(acc_t(kInvSqrt2Pi));
-  } else {
-    pdf = arg.exp() * V(acc_t(kInvSqrt2Pi));
-  }
-  return at::vec::fmadd(u, pdf, cdf);
 }
 
 // ---- moments ----------------------------------------------------------------------------------
@@ -623,30 +487,6 @@ struct BackwardParams {
   const acc_t* grad_sums;  // [B, C] or null
 };
 
-// dz = k1 * g + k2 + k3 * xhat per channel: BatchNorm's backward, with the batch-statistics terms
-// (k2, k3) only in training.
-template <typename acc_t>
-struct DzCoefficients {
-  std::vector<acc_t> k1, k2, k3;
-};
-
-template <typename acc_t>
-DzCoefficients<acc_t> dz_coefficients(const BackwardParams<acc_t>& p, const std::vector<double>& dbeta,
-                                      const std::vector<double>& dgamma, int64_t channels, int64_t count,
-                                      bool training) {
-  DzCoefficients<acc_t> k{std::vector<acc_t>(channels), std::vector<acc_t>(channels, acc_t(0)),
-                          std::vector<acc_t>(channels, acc_t(0))};
-  for (int64_t c = 0; c < channels; ++c) {
-    const double k1 = static_cast<double>(p.gamma[c]) * p.rstd[c];
-    k.k1[c] = static_cast<acc_t>(k1);
-    if (training) {
-      k.k2[c] = static_cast<acc_t>(-k1 * dbeta[c] / count);
-      k.k3[c] = static_cast<acc_t>(-k1 * dgamma[c] / count);
-    }
-  }
-  return k;
-}
-
 // g (the gradient at the BatchNorm output u, through GELU) and xhat from the conv output z.
 template <typename acc_t>
 inline void grad_at_u(const Vectorized<acc_t>& z, const Vectorized<acc_t>& grad_y, const Vectorized<acc_t>& mean,
@@ -654,16 +494,6 @@ inline void grad_at_u(const Vectorized<acc_t>& z, const Vectorized<acc_t>& grad_
                       int64_t n, Vectorized<acc_t>& g, Vectorized<acc_t>& xhat) {
   xhat = (z - mean) * rstd;
   g = first_lanes(grad_y * gelu_grad(at::vec::fmadd(xhat, gamma, beta)), n);
-}
-
-// Sums per channel, in double, of [items, C] partials: dbeta and dgamma from their per-item parts.
-void sum_parts(const std::vector<double>& parts, int64_t items, int64_t channels, std::vector<double>& out) {
-  out.assign(channels, 0.0);
-  for (int64_t i = 0; i < items; ++i) {
-    for (int64_t c = 0; c < channels; ++c) {
-      out[c] += parts[i * channels + c];
-    }
-  }
 }
 
 template <typename scalar_t>
@@ -682,7 +512,7 @@ void backward_nchw(const Geometry& g, const scalar_t* grad_y, const scalar_t* x,
 
   // The conv output of one plane, z ([Ho * Wo] plus slack), turned into g: its channel sums go to
   // the plane's partials, and with `k` set z is overwritten with dz.
-  auto grad_plane = [&](int64_t plane, PaddedPlane<acc_t>& pad, acc_t* z, const DzCoefficients<acc_t>* k) {
+  auto grad_plane = [&](int64_t plane, PaddedPlane<acc_t>& pad, acc_t* z, const BnGradCoefficients<acc_t>* k) {
     const int64_t c = plane % C;
     V w[9];
     broadcast_kernel(p.kernel + c * 9, w);
@@ -716,7 +546,7 @@ void backward_nchw(const Geometry& g, const scalar_t* grad_y, const scalar_t* x,
     sum_parts(part_g, g.batch, C, dbeta);
     sum_parts(part_gx, g.batch, C, dgamma);
   }
-  const auto k = dz_coefficients(p, dbeta, dgamma, C, g.batch * out_plane, training);
+  const auto k = bn_grad_coefficients(p.gamma, p.rstd, dbeta, dgamma, C, g.batch * out_plane, training);
   at::parallel_for(0, planes, item_grain, [&](int64_t begin, int64_t end) {
     PaddedPlane<acc_t> pad(g.height, g.width, g.stride);
     std::vector<acc_t> dz(out_plane + kV);
@@ -832,7 +662,7 @@ void backward_channels_last(const Geometry& g, const scalar_t* grad_y, const sca
   // so that the kernel and the BatchNorm constants are not all live at once. Passes that make dz
   // also add the row's weight-gradient terms to w_sum ([9, C]).
   auto row_pass = [&](int64_t r, Pass pass, std::vector<const scalar_t*>& taps, std::vector<acc_t>& z,
-                      const DzCoefficients<acc_t>* k, acc_t* w_sum) {
+                      const BnGradCoefficients<acc_t>* k, acc_t* w_sum) {
     const int64_t b = r / g.out_h;
     const scalar_t* gy = grad_y + r * g.out_w * C;
     acc_t* dz_row = dz + r * g.out_w * C;
@@ -904,7 +734,7 @@ void backward_channels_last(const Geometry& g, const scalar_t* grad_y, const sca
     sum_parts(part_g, rows, C, dbeta);
     sum_parts(part_gx, rows, C, dgamma);
   }
-  const auto k = dz_coefficients(p, dbeta, dgamma, C, rows * g.out_w, training);
+  const auto k = bn_grad_coefficients(p.gamma, p.rstd, dbeta, dgamma, C, rows * g.out_w, training);
   const Pass dz_pass = training ? Pass::kDzFromParked : Pass::kSumAndDz;
   at::parallel_for(0, blocks, grain(3 * block_rows * g.out_w * C), [&](int64_t begin, int64_t end) {
     std::vector<const scalar_t*> taps;
@@ -949,17 +779,6 @@ void backward_channels_last(const Geometry& g, const scalar_t* grad_y, const sca
       }
     }
   });
-}
-
-// Copies double results into an acc-dtype output tensor.
-at::Tensor to_output(const at::Tensor& like, const std::vector<double>& values, at::IntArrayRef shape,
-                     at::ScalarType acc) {
-  at::Tensor out = new_output(like, shape, acc);
-  AT_DISPATCH_FLOATING_TYPES(acc, "dwconv_bn_gelu_to_output", [&] {
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    for (size_t i = 0; i < values.size(); ++i) dst[i] = static_cast<scalar_t>(values[i]);
-  });
-  return out;
 }
 
 }  // namespace

@@ -20,31 +20,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda_common.cuh"
+#include "cuda_launch_common.cuh"
 #include "cuda_launchers.h"
 
 namespace coatnet_fast_cuda {
 namespace {
-
-constexpr int kMaxThreads = 256;
-constexpr int kClChannels = 32;  // channels per block, channels_last
-constexpr int kClLanes = 8;      // position lanes per block, channels_last
-
-constexpr double kSqrtHalf = 0.70710678118654752440;     // 1 / sqrt(2)
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)
-
-template <typename A> __device__ __forceinline__ A gelu(A u) {
-  return A(0.5) * u * (A(1) + acc_erf(u * A(kSqrtHalf)));
-}
-
-// d gelu / du = Phi(u) + u phi(u).
-template <typename A> __device__ __forceinline__ A gelu_grad(A u) {
-  const A cdf = A(0.5) * (A(1) + acc_erf(u * A(kSqrtHalf)));
-  const A pdf = acc_exp(A(-0.5) * u * u) * A(kInvSqrt2Pi);
-  return cdf + u * pdf;
-}
 
 struct ConvGeom {
   int64_t batch;
@@ -86,73 +68,6 @@ __device__ __forceinline__ A conv9(const A (&taps)[9], const A (&w)[9]) {
   return z;
 }
 
-// Which image, channel and positions this thread handles (see the header comment).
-struct PlaneWork {
-  int64_t b, c;
-  bool active;  // c < channels; inactive threads still join every block reduction
-  int lane_p;   // first position, then steps of num_p
-  int num_p;    // position lanes per channel: a power of two
-  int slot;     // channel slot within the block
-  int slots;
-};
-
-template <bool CL>
-__device__ __forceinline__ PlaneWork plane_work(int64_t channels) {
-  PlaneWork w;
-  if (CL) {
-    const int64_t groups = (channels + kClChannels - 1) / kClChannels;
-    w.b = blockIdx.x / groups;
-    w.c = (blockIdx.x % groups) * kClChannels + threadIdx.x;
-    w.slot = threadIdx.x;
-    w.slots = kClChannels;
-    w.lane_p = threadIdx.y;
-    w.num_p = blockDim.y;
-  } else {
-    w.b = blockIdx.x / channels;
-    w.c = blockIdx.x % channels;
-    w.slot = 0;
-    w.slots = 1;
-    w.lane_p = threadIdx.x;
-    w.num_p = blockDim.x;
-  }
-  w.active = w.c < channels;
-  return w;
-}
-
-// Sum of v over the position lanes of each channel slot, as a fixed tree; every thread gets
-// its slot's total. Called by all threads of the block; buf holds kMaxThreads values.
-template <typename A>
-__device__ __forceinline__ A block_sum(A v, A* buf, const PlaneWork& w) {
-  const int idx = w.lane_p * w.slots + w.slot;
-  buf[idx] = v;
-  __syncthreads();
-  for (int half = w.num_p / 2; half > 0; half /= 2) {
-    if (w.lane_p < half) buf[idx] += buf[idx + half * w.slots];
-    __syncthreads();
-  }
-  const A total = buf[w.slot];
-  __syncthreads();  // buf may be reused right away
-  return total;
-}
-
-// Chan et al. merge of (count, mean, M2) moments: (na, ma, qa) <- (na, ma, qa) + (nb, mb, qb).
-template <typename N, typename A>
-__device__ __forceinline__ void chan_merge(N& na, A& ma, A& qa, N nb, A mb, A qb) {
-  if (nb == 0) return;
-  if (na == 0) {
-    na = nb;
-    ma = mb;
-    qa = qb;
-    return;
-  }
-  const N n = na + nb;
-  const A delta = mb - ma;
-  const A fb = A(nb) / A(n);
-  ma += delta * fb;
-  qa += qb + delta * delta * A(na) * fb;
-  na = n;
-}
-
 template <typename A>
 __device__ __forceinline__ void load_weights(const A* __restrict__ weight, int64_t c, A (&w)[9]) {
 #pragma unroll
@@ -171,10 +86,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                             typename Cvt<T>::acc* __restrict__ part_m2,
                             typename Cvt<T>::acc* __restrict__ shift_out) {
   using A = typename Cvt<T>::acc;
-  __shared__ int n_buf[kMaxThreads];
-  __shared__ A mean_buf[kMaxThreads];
-  __shared__ A m2_buf[kMaxThreads];
-  const PlaneWork w = plane_work<CL>(g.channels);
+  const ChannelWork w = channel_work<CL>(g.channels);
   const int plane = g.out_h * g.out_w;
 
   int n = 0;
@@ -186,53 +98,20 @@ __global__ void __launch_bounds__(kMaxThreads)
     shift = conv9(taps, wt);
     for (int p = w.lane_p; p < plane; p += w.num_p) {
       load_taps<T, CL>(x, g, w.b, w.c, p / g.out_w, p % g.out_w, taps);
-      const A v = conv9(taps, wt) - shift;
-      ++n;
-      const A d1 = v - mean;
-      mean += d1 / A(n);
-      m2 += d1 * (v - mean);
+      welford_add(n, mean, m2, conv9(taps, wt) - shift);
     }
   }
 
-  const int idx = w.lane_p * w.slots + w.slot;
-  n_buf[idx] = n;
-  mean_buf[idx] = mean;
-  m2_buf[idx] = m2;
-  __syncthreads();
-  for (int half = w.num_p / 2; half > 0; half /= 2) {
-    if (w.lane_p < half) {
-      const int other = idx + half * w.slots;
-      chan_merge(n_buf[idx], mean_buf[idx], m2_buf[idx], n_buf[other], mean_buf[other], m2_buf[other]);
-    }
-    __syncthreads();
-  }
+  block_merge_moments(n, mean, m2, w);
   if (w.active && w.lane_p == 0) {
-    part_mean[w.b * g.channels + w.c] = mean_buf[w.slot];
-    part_m2[w.b * g.channels + w.c] = m2_buf[w.slot];
+    part_mean[w.b * g.channels + w.c] = mean;
+    part_m2[w.b * g.channels + w.c] = m2;
     if (w.b == 0) shift_out[w.c] = shift;
   }
 }
 
-// Batch statistics, step 2: merge the images of each channel in order; biased variance.
-template <typename A>
-__global__ void __launch_bounds__(kMaxThreads)
-    dw_stats_final_kernel(const A* __restrict__ part_mean, const A* __restrict__ part_m2,
-                          const A* __restrict__ shift, A* __restrict__ mean_out,
-                          A* __restrict__ var_out, int64_t batch, int64_t channels, int64_t plane) {
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < channels;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n = 0;
-    A mean = A(0), m2 = A(0);
-    for (int64_t b = 0; b < batch; ++b)
-      chan_merge(n, mean, m2, plane, part_mean[b * channels + c], part_m2[b * channels + c]);
-    if (n == 0) {  // empty batch: like torch's mean of nothing
-      mean_out[c] = var_out[c] = acc_nan(A(0));
-    } else {
-      mean_out[c] = shift[c] + mean;
-      var_out[c] = m2 / A(n);
-    }
-  }
-}
+// Batch statistics, step 2: moments_final_kernel (cuda_launch_common.cuh), with one split per
+// image (see plane_split).
 
 // ------------------------------------------------------------------------------------------
 // Forward: y = gelu(z * scale[c] + shift[c]) (scale == nullptr: 1), and, when sums is given,
@@ -246,7 +125,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                       typename Cvt<T>::acc* __restrict__ sums, ConvGeom g) {
   using A = typename Cvt<T>::acc;
   __shared__ A buf[kMaxThreads];
-  const PlaneWork w = plane_work<CL>(g.channels);
+  const ChannelWork w = channel_work<CL>(g.channels);
   const int plane = g.out_h * g.out_w;
 
   A local = A(0);
@@ -283,7 +162,7 @@ template <typename A>
 __device__ __forceinline__ BnChannel<A> load_bn_channel(const A* weight, const A* gamma,
                                                         const A* beta, const A* mean,
                                                         const A* rstd, const A* grad_sums,
-                                                        const PlaneWork& w, int64_t channels) {
+                                                        const ChannelWork& w, int64_t channels) {
   BnChannel<A> ch;
   load_weights(weight, w.c, ch.wt);
   ch.gamma = gamma[w.c];
@@ -298,7 +177,7 @@ __device__ __forceinline__ BnChannel<A> load_bn_channel(const A* weight, const A
 template <typename T, bool CL, typename A>
 __device__ __forceinline__ void grad_at(const T* __restrict__ x, const T* __restrict__ grad_y,
                                         const ConvGeom& g, const BnChannel<A>& ch,
-                                        const PlaneWork& w, int oh, int ow, A (&taps)[9],
+                                        const ChannelWork& w, int oh, int ow, A (&taps)[9],
                                         A& grad_u, A& xhat) {
   load_taps<T, CL>(x, g, w.b, w.c, oh, ow, taps);
   xhat = (conv9(taps, ch.wt) - ch.mean) * ch.rstd;
@@ -321,7 +200,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                           typename Cvt<T>::acc* __restrict__ part) {
   using A = typename Cvt<T>::acc;
   __shared__ A buf[kMaxThreads];
-  const PlaneWork w = plane_work<CL>(g.channels);
+  const ChannelWork w = channel_work<CL>(g.channels);
   const int plane = g.out_h * g.out_w;
 
   A sum_g = A(0), sum_gx = A(0);
@@ -360,7 +239,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                           typename Cvt<T>::acc* __restrict__ part_w) {
   using A = typename Cvt<T>::acc;
   __shared__ A buf[kMaxThreads];
-  const PlaneWork w = plane_work<CL>(g.channels);
+  const ChannelWork w = channel_work<CL>(g.channels);
   const int plane = g.out_h * g.out_w;
 
   A sum_w[9];
@@ -441,41 +320,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// out[k] = sum over b, in order, of part[b * row_stride + k].
-template <typename A>
-__global__ void __launch_bounds__(kMaxThreads)
-    batch_sum_kernel(const A* __restrict__ part, int64_t batch, int64_t count, int64_t row_stride,
-                     A* __restrict__ out) {
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < count;
-       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    A sum = A(0);
-    for (int64_t b = 0; b < batch; ++b) sum += part[b * row_stride + k];
-    out[k] = sum;
-  }
-}
-
 // ------------------------------------------------------------------------------------------
-// Host side.
+// Host side (the helpers both BatchNorm files use are in cuda_launch_common.cuh).
 // ------------------------------------------------------------------------------------------
-template <typename T> struct TypeTag { using type = T; };
-
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float32: return f(TypeTag<float>{});
-    case DType::Float64: return f(TypeTag<double>{});
-    case DType::Float16: return f(TypeTag<__half>{});
-    case DType::BFloat16: return f(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-size_t acc_size(DType dtype) { return dtype == DType::Float64 ? sizeof(double) : sizeof(float); }
-
-size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 int64_t out_size(int64_t in, int64_t stride) { return (in - 1) / stride + 1; }
 
 // Shapes the kernels index with int positions and int64 offsets.
@@ -498,47 +345,24 @@ ConvGeom make_geom(int64_t batch, int64_t channels, int64_t height, int64_t widt
   return g;
 }
 
-// Launch shape of the per-plane kernels (see PlaneWork).
-struct PlaneLaunch {
-  dim3 grid, block;
-  bool ok;
-};
-
-PlaneLaunch plane_launch(const ConvGeom& g, bool channels_last) {
-  PlaneLaunch l;
-  int64_t blocks;
-  if (channels_last) {
-    l.block = dim3(kClChannels, kClLanes);
-    blocks = g.batch * ceil_div(g.channels, kClChannels);
-  } else {
-    const int64_t plane = static_cast<int64_t>(g.out_h) * g.out_w;
-    int threads = 32;
-    while (threads < plane && threads < kMaxThreads) threads *= 2;
-    l.block = dim3(threads);
-    blocks = g.batch * g.channels;
-  }
-  l.ok = blocks <= INT_MAX;
-  l.grid = dim3(static_cast<unsigned>(blocks > 0 && l.ok ? blocks : 0));
-  return l;
+// The conv outputs as [batch, channels, out_h * out_w], one split per image: the per-plane
+// kernels reduce a whole output plane per block.
+SplitGeom plane_split(const ConvGeom& g) {
+  const int64_t plane = static_cast<int64_t>(g.out_h) * g.out_w;
+  return {g.batch, g.channels, plane, plane, 1};
 }
 
-unsigned grid_stride_blocks(int64_t total) {
-  const int64_t blocks = ceil_div(total, kMaxThreads);
-  return static_cast<unsigned>(blocks < 65536 ? (blocks < 1 ? 1 : blocks) : 65536);
-}
-
-// Calls f(std::bool_constant<CL>) for the layout.
-template <typename F>
-cudaError_t with_layout(bool channels_last, F&& f) {
-  return channels_last ? f(std::true_type{}) : f(std::false_type{});
+// Launch shape of the per-plane kernels (see ChannelWork).
+ChannelLaunch plane_launch(const ConvGeom& g, bool channels_last) {
+  const SplitGeom s = plane_split(g);
+  return channel_launch(s.batch, s.channels, s.split, s.splits, channels_last);
 }
 
 }  // namespace
 
 size_t dwconv_bn_stats_workspace_bytes(DType dtype, int64_t batch, int64_t channels) {
   if (batch < 0 || channels <= 0) return 0;
-  const size_t per = acc_size(dtype) * static_cast<size_t>(batch * channels);
-  return 2 * align_up(per) + acc_size(dtype) * static_cast<size_t>(channels);
+  return moments_workspace_bytes(dtype, batch, channels);
 }
 
 cudaError_t dwconv_bn_stats_launch(
@@ -550,28 +374,23 @@ cudaError_t dwconv_bn_stats_launch(
     return cudaErrorInvalidValue;
   if (channels == 0) return cudaSuccess;
   const ConvGeom g = make_geom(batch, channels, height, width, stride);
-  const PlaneLaunch pl = plane_launch(g, channels_last);
+  const ChannelLaunch pl = plane_launch(g, channels_last);
   if (!pl.ok) return cudaErrorInvalidConfiguration;
 
   return dispatch(dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     using A = typename Cvt<T>::acc;
-    const size_t per = align_up(sizeof(A) * static_cast<size_t>(batch * channels));
-    A* part_mean = static_cast<A*>(workspace);
-    A* part_m2 = reinterpret_cast<A*>(static_cast<unsigned char*>(workspace) + per);
-    A* shift = reinterpret_cast<A*>(static_cast<unsigned char*>(workspace) + 2 * per);
+    const MomentsWorkspace<A> ws = moments_workspace<A>(workspace, batch, channels);
     if (batch > 0) {
       const cudaError_t err = with_layout(channels_last, [&](auto cl) -> cudaError_t {
         dw_stats_partial_kernel<T, decltype(cl)::value><<<pl.grid, pl.block, 0, stream>>>(
-            static_cast<const T*>(x), static_cast<const A*>(weight), g, part_mean, part_m2, shift);
+            static_cast<const T*>(x), static_cast<const A*>(weight), g, ws.part_mean, ws.part_m2,
+            ws.shift);
         return cudaGetLastError();
       });
       if (err != cudaSuccess) return err;
     }
-    dw_stats_final_kernel<A><<<grid_stride_blocks(channels), kMaxThreads, 0, stream>>>(
-        part_mean, part_m2, shift, static_cast<A*>(mean), static_cast<A*>(var), batch, channels,
-        static_cast<int64_t>(g.out_h) * g.out_w);
-    return cudaGetLastError();
+    return launch_moments_final(ws, plane_split(g), mean, var, stream);
   });
 }
 
@@ -582,7 +401,7 @@ cudaError_t dwconv_bn_gelu_forward_launch(
   if (!valid_geometry(batch, channels, height, width, stride)) return cudaErrorInvalidValue;
   if (batch == 0 || channels == 0) return cudaSuccess;
   const ConvGeom g = make_geom(batch, channels, height, width, stride);
-  const PlaneLaunch pl = plane_launch(g, channels_last);
+  const ChannelLaunch pl = plane_launch(g, channels_last);
   if (!pl.ok) return cudaErrorInvalidConfiguration;
 
   return dispatch(dtype, [&](auto tag) -> cudaError_t {
@@ -619,7 +438,7 @@ cudaError_t dwconv_bn_gelu_backward_launch(
     return cudaErrorInvalidValue;
   if (channels == 0) return cudaSuccess;
   const ConvGeom g = make_geom(batch, channels, height, width, stride);
-  const PlaneLaunch pl = plane_launch(g, channels_last);
+  const ChannelLaunch pl = plane_launch(g, channels_last);
   if (!pl.ok) return cudaErrorInvalidConfiguration;
 
   return dispatch(dtype, [&](auto tag) -> cudaError_t {
@@ -656,12 +475,7 @@ cudaError_t dwconv_bn_gelu_backward_launch(
       if (err != cudaSuccess) return err;
     }
     // With an empty batch these write the zero gradients.
-    const unsigned per_channel = grid_stride_blocks(channels);
-    batch_sum_kernel<A><<<per_channel, kMaxThreads, 0, stream>>>(part_bn, batch, channels,
-                                                                 2 * channels, db);
-    batch_sum_kernel<A><<<per_channel, kMaxThreads, 0, stream>>>(part_bn + channels, batch,
-                                                                 channels, 2 * channels, dg);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = launch_bn_param_grads(part_bn, batch, channels, db, dg, stream)) != cudaSuccess) return err;
 
     if (batch > 0) {
       err = with_layout(channels_last, [&](auto cl) -> cudaError_t {
@@ -677,7 +491,7 @@ cudaError_t dwconv_bn_gelu_backward_launch(
       });
       if (err != cudaSuccess) return err;
     }
-    batch_sum_kernel<A><<<grid_stride_blocks(9 * channels), kMaxThreads, 0, stream>>>(
+    row_sum_kernel<A><<<grid_stride_blocks(9 * channels), kMaxThreads, 0, stream>>>(
         part_w, batch, 9 * channels, 9 * channels, dw);
     return cudaGetLastError();
   });

@@ -46,6 +46,25 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_gelu_forward(const at::Tensor& x, c
   return apply.call(x, weight.to(acc) * scale.view({-1, 1, 1, 1}), std::nullopt, shift, stride, pool);
 }
 
+// BatchNorm as a per-channel scale of the centred x (scale = gamma * rstd), the same on every
+// device. `training` only tells the autograd formula (registered from Python) whether mean and
+// rstd are this batch's statistics, which the backward then differentiates through.
+at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                  const at::Tensor& mean, const at::Tensor& rstd, bool /*training*/, bool gelu,
+                                  const std::optional<at::Tensor>& residual,
+                                  const std::optional<at::Tensor>& branch_scale) {
+  static auto apply = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("coatnet_fast_ext::batch_norm_act_apply", "")
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, bool, const std::optional<at::Tensor>&,
+                                            const std::optional<at::Tensor>&)>();
+  TORCH_CHECK(bn_weight.dim() == 1 && rstd.dim() == 1 && bn_weight.size(0) == rstd.size(0),
+              "batch_norm_act_forward: bn_weight and rstd must have shape [C]; got ", bn_weight.sizes(), " and ",
+              rstd.sizes());
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  return apply.call(x, mean, bn_weight.to(acc) * rstd.to(acc), bn_bias, gelu, residual, branch_scale);
+}
+
 }  // namespace coatnet_fast_ext
 
 TORCH_LIBRARY(coatnet_fast_ext, m) {
@@ -64,6 +83,17 @@ TORCH_LIBRARY(coatnet_fast_ext, m) {
         "Tensor rstd, bool training, int stride, bool pool) -> (Tensor, Tensor)");
   m.def("dwconv_bn_gelu_backward(Tensor grad_y, Tensor? grad_sums, Tensor x, Tensor weight, Tensor bn_weight, "
         "Tensor bn_bias, Tensor mean, Tensor rstd, int stride, bool training) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
+  // The kernel: y = residual + branch_scale[b] * act((x - mean) * scale + beta), act GELU when gelu;
+  // y has the promoted dtype of x and residual, and x's layout.
+  m.def("batch_norm_act_apply(Tensor x, Tensor mean, Tensor scale, Tensor beta, bool gelu, Tensor? residual, "
+        "Tensor? branch_scale) -> Tensor");
+  // The differentiable op; its autograd formula (registered from Python) is BatchNorm's training
+  // backward when training, its eval backward otherwise, from x alone.
+  m.def("batch_norm_act_forward(Tensor x, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor rstd, "
+        "bool training, bool gelu, Tensor? residual, Tensor? branch_scale) -> Tensor");
+  m.def("batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor bn_weight, Tensor bn_bias, Tensor mean, "
+        "Tensor rstd, bool gelu, Tensor? branch_scale, bool training) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(coatnet_fast_ext, CPU, m) {
@@ -72,8 +102,12 @@ TORCH_LIBRARY_IMPL(coatnet_fast_ext, CPU, m) {
   m.impl("dwconv_bn_stats", &coatnet_fast_ext::dwconv_bn_stats_cpu);
   m.impl("dwconv_bn_gelu_apply", &coatnet_fast_ext::dwconv_bn_gelu_apply_cpu);
   m.impl("dwconv_bn_gelu_backward", &coatnet_fast_ext::dwconv_bn_gelu_backward_cpu);
+  m.impl("batch_norm_stats", &coatnet_fast_ext::batch_norm_stats_cpu);
+  m.impl("batch_norm_act_apply", &coatnet_fast_ext::batch_norm_act_apply_cpu);
+  m.impl("batch_norm_act_backward", &coatnet_fast_ext::batch_norm_act_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(coatnet_fast_ext, CompositeExplicitAutograd, m) {
   m.impl("dwconv_bn_gelu_forward", &coatnet_fast_ext::dwconv_bn_gelu_forward);
+  m.impl("batch_norm_act_forward", &coatnet_fast_ext::batch_norm_act_forward);
 }

@@ -335,6 +335,150 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_gelu_backwa
           dbeta.to(bn_bias.scalar_type())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// batch_norm_act
+// ---------------------------------------------------------------------------------------------
+
+struct BnInput {
+  at::Tensor x;        // NCHW- or channels_last-contiguous
+  bool channels_last;  // which of the two layouts the kernels index x (and outputs) with
+  int64_t positions;   // H * W
+};
+
+BnInput check_bn_input(const char* op, const at::Tensor& x_in) {
+  check_floating(x_in, op, "x", x_in.device());
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must be a 4-D [B, C, H, W] tensor; got shape ",
+              x_in.sizes());
+  TORCH_CHECK(x_in.size(2) >= 1 && x_in.size(3) >= 1, op,
+              ": x must have H >= 1 and W >= 1; got shape ", x_in.sizes());
+  BnInput in;
+  // A tensor contiguous both ways counts as NCHW, as for the conv above.
+  in.channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  in.x = in.channels_last ? x_in : x_in.contiguous();
+  in.positions = x_in.size(2) * x_in.size(3);
+  return in;
+}
+
+at::MemoryFormat memory_format(const BnInput& in) {
+  return in.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The per-image factor [B] rounded to x's dtype (as eager's y * branch_scale.to(y.dtype)), then in
+// acc type; undefined when absent.
+at::Tensor branch_scale_to_acc(const std::optional<at::Tensor>& branch_scale, const char* op,
+                               const at::Tensor& x) {
+  if (!branch_scale.has_value() || !branch_scale->defined()) return at::Tensor();
+  check_floating(*branch_scale, op, "branch_scale", x.device());
+  TORCH_CHECK(branch_scale->dim() == 1 && branch_scale->size(0) == x.size(0), op,
+              ": branch_scale must have shape [B] = [", x.size(0), "]; got ", branch_scale->sizes());
+  return branch_scale->to(x.scalar_type()).to(acc_type(x.scalar_type())).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x) {
+  constexpr const char* op = "batch_norm_stats";
+  check_device(x, op, "x", x.device());  // a CUDA tensor, before the guard takes its device
+  c10::cuda::CUDAGuard device_guard(x.device());
+  const BnInput in = check_bn_input(op, x);
+  const int64_t batch = x.size(0), channels = x.size(1);
+  TORCH_CHECK(batch * in.positions > 0, op,
+              ": batch statistics need at least one value per channel; got x of shape ", x.sizes());
+  const auto acc = acc_type(x.scalar_type());
+  const cf::DType dtype = launcher_dtype(x.scalar_type());
+
+  at::Tensor mean = new_output(x, {channels}, acc);
+  at::Tensor var = new_output(x, {channels}, acc);
+  const size_t ws_bytes = cf::batch_norm_stats_workspace_bytes(dtype, batch, channels, in.positions);
+  at::Tensor ws = workspace(ws_bytes, x);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  check_launch(cf::batch_norm_stats_launch(dtype, in.x.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                                           ws.data_ptr(), ws_bytes, batch, channels, in.positions,
+                                           in.channels_last, stream),
+               op);
+  return {mean, var};
+}
+
+// y = residual + branch_scale[b] * act((x - mean) * scale + beta), in the promoted dtype of x and
+// residual, in x's layout.
+at::Tensor batch_norm_act_apply_cuda(const at::Tensor& x, const at::Tensor& mean,
+                                     const at::Tensor& scale, const at::Tensor& beta, bool gelu,
+                                     const std::optional<at::Tensor>& residual,
+                                     const std::optional<at::Tensor>& branch_scale) {
+  constexpr const char* op = "batch_norm_act_apply";
+  check_device(x, op, "x", x.device());  // a CUDA tensor, before the guard takes its device
+  c10::cuda::CUDAGuard device_guard(x.device());
+  const BnInput in = check_bn_input(op, x);
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const auto dev = x.device();
+  const auto dt = x.scalar_type();
+  const at::Tensor mean_acc = channel_param_to_acc(mean, op, "mean", dev, dt, channels);
+  const at::Tensor scale_acc = channel_param_to_acc(scale, op, "scale", dev, dt, channels);
+  const at::Tensor beta_acc = channel_param_to_acc(beta, op, "beta", dev, dt, channels);
+  const at::Tensor scale_b = branch_scale_to_acc(branch_scale, op, x);
+  at::ScalarType out_dtype = dt;
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    check_floating(*residual, op, "residual", dev);
+    TORCH_CHECK(residual->sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(),
+                "; got ", residual->sizes());
+    out_dtype = at::promote_types(dt, residual->scalar_type());
+    // In y's dtype and x's layout, so that the kernel walks x, the residual and y with one index.
+    res = residual->to(out_dtype).contiguous(memory_format(in));
+  }
+
+  at::Tensor y = new_output(in.x, x.sizes(), out_dtype, memory_format(in));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  check_launch(cf::batch_norm_act_forward_launch(
+                   launcher_dtype(dt), launcher_dtype(out_dtype), in.x.data_ptr(),
+                   mean_acc.data_ptr(), scale_acc.data_ptr(), beta_acc.data_ptr(),
+                   res.defined() ? res.data_ptr() : nullptr,
+                   scale_b.defined() ? scale_b.data_ptr() : nullptr, y.data_ptr(), batch, channels,
+                   in.positions, gelu, in.channels_last, stream),
+               op);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& rstd, bool gelu,
+    const std::optional<at::Tensor>& branch_scale, bool training) {
+  constexpr const char* op = "batch_norm_act_backward";
+  check_device(x, op, "x", x.device());  // a CUDA tensor, before the guard takes its device
+  c10::cuda::CUDAGuard device_guard(x.device());
+  const BnInput in = check_bn_input(op, x);
+  const int64_t batch = x.size(0), channels = x.size(1);
+  const auto acc = acc_type(x.scalar_type());
+  const auto dev = x.device();
+  const auto dt = x.scalar_type();
+
+  check_floating(grad_y, op, "grad_y", dev);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(),
+              "; got ", grad_y.sizes());
+  // In x's dtype, as eager's promoting add hands the branch its gradient, and in x's layout.
+  const at::Tensor grad_y_c = grad_y.to(dt).contiguous(memory_format(in));
+  const at::Tensor gamma = channel_param_to_acc(bn_weight, op, "bn_weight", dev, dt, channels);
+  const at::Tensor beta = channel_param_to_acc(bn_bias, op, "bn_bias", dev, dt, channels);
+  const at::Tensor mean_acc = channel_param_to_acc(mean, op, "mean", dev, dt, channels);
+  const at::Tensor rstd_acc = channel_param_to_acc(rstd, op, "rstd", dev, dt, channels);
+  const at::Tensor scale_b = branch_scale_to_acc(branch_scale, op, x);
+
+  at::Tensor dx = new_output(in.x, x.sizes(), dt, memory_format(in));
+  at::Tensor dgamma = new_output(in.x, {channels}, acc);
+  at::Tensor dbeta = new_output(in.x, {channels}, acc);
+  const cf::DType dtype = launcher_dtype(dt);
+  const size_t ws_bytes =
+      cf::batch_norm_act_backward_workspace_bytes(dtype, batch, channels, in.positions);
+  at::Tensor ws = workspace(ws_bytes, x);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  check_launch(cf::batch_norm_act_backward_launch(
+                   dtype, grad_y_c.data_ptr(), in.x.data_ptr(), gamma.data_ptr(), beta.data_ptr(),
+                   mean_acc.data_ptr(), rstd_acc.data_ptr(),
+                   scale_b.defined() ? scale_b.data_ptr() : nullptr, dx.data_ptr(),
+                   dgamma.data_ptr(), dbeta.data_ptr(), ws.data_ptr(), ws_bytes, batch, channels,
+                   in.positions, gelu, training, in.channels_last, stream),
+               op);
+  return {dx, dgamma.to(bn_weight.scalar_type()), dbeta.to(bn_bias.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(coatnet_fast_ext, CUDA, m) {
@@ -343,4 +487,7 @@ TORCH_LIBRARY_IMPL(coatnet_fast_ext, CUDA, m) {
   m.impl("dwconv_bn_stats", &dwconv_bn_stats_cuda);
   m.impl("dwconv_bn_gelu_apply", &dwconv_bn_gelu_apply_cuda);
   m.impl("dwconv_bn_gelu_backward", &dwconv_bn_gelu_backward_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("batch_norm_act_apply", &batch_norm_act_apply_cuda);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
 }

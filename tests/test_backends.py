@@ -4,8 +4,8 @@ import torch
 
 import coatnet_fast
 from coatnet_fast import BackendUnavailableError, CoAtNet, get_backend, set_backend
-from coatnet_fast.models import Attention, DWConvBNGELU, ConvBN
-from coatnet_fast.ops import dispatch, dwconv_bn_gelu, rel_bias_attention
+from coatnet_fast.models import Attention, ConvBN, DWConvBNGELU
+from coatnet_fast.ops import batch_norm_act, dispatch, dwconv_bn_gelu, rel_bias_attention
 from coatnet_fast.ops.rel_bias_attention import rel_bias_attention_eager, table_rows
 
 SMALL = dict(image_size=(64, 64), num_blocks=(1, 1, 1, 1, 1), channels=(8, 12, 16, 32, 32), num_classes=4)
@@ -34,10 +34,18 @@ def test_every_op_has_every_backend_entry_and_eager_is_usable():
     for op in dispatch.ops():
         assert set(dispatch._TABLE[op]) == set(dispatch.BACKENDS)
         assert "eager" in dispatch.usable_backends(op)
-    # The one documented gap: the extension has no batch_norm_act kernel, and says so.
-    assert [(op, b) for op in dispatch.ops() for b in dispatch.BACKENDS if not dispatch.implemented(op, b)] == [
-        ("batch_norm_act", "ext")]
+    # Every backend has an implementation of every op (whether it runs here is why_not's question).
+    assert [(op, b) for op in dispatch.ops() for b in dispatch.BACKENDS if not dispatch.implemented(op, b)] == []
+
+
+def test_an_entry_without_implementation_says_so(table_snapshot):
+    dispatch.register("batch_norm_act", "ext", None)
+    assert not dispatch.implemented("batch_norm_act", "ext")
     assert dispatch.why_not("batch_norm_act", "ext") == ["no implementation registered"]
+    assert "ext" not in dispatch.usable_backends("batch_norm_act")
+    with pytest.raises(BackendUnavailableError, match="ext: no implementation registered"):
+        coatnet_fast.ops.batch_norm_act(torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3), torch.zeros(3),
+                                        torch.ones(3), training=True, backend="ext")
 
 
 def test_auto_prefers_the_first_capable_backend(table_snapshot):
@@ -120,15 +128,17 @@ def test_set_backend_swaps_every_fusable_module_and_back(table_snapshot):
 
 
 def test_set_backend_keeps_the_ops_a_backend_lacks_on_eager(table_snapshot):
-    """The extension has no batch_norm_act kernel: set_backend(model, "ext") moves the other
-    fusable modules, keeps the 1x1 conv + BatchNorm modules on eager, and get_backend still
-    says "ext" (stand-ins for the extension record that they ran)."""
+    """A backend without an implementation of one op (here a stand-in "ext" entry with none for
+    batch_norm_act): set_backend(model, "ext") moves the other fusable modules, keeps the conv +
+    BatchNorm modules on eager, and get_backend still says "ext" (stand-ins for the extension's
+    other ops record that they ran)."""
     calls = []
     for op in ("rel_bias_attention", "dwconv_bn_gelu"):
         def impl(*args, _op=op, _eager=dispatch._TABLE[op]["eager"].impl, **kwargs):
             calls.append(_op)
             return _eager(*args, **kwargs)
         dispatch.register(op, "ext", impl)
+    dispatch.register("batch_norm_act", "ext", None)
     model = CoAtNet(**SMALL).eval()
     x = torch.randn(2, 3, 64, 64)
     expected = model(x)
@@ -255,9 +265,10 @@ def test_triton_backend_is_usable_in_the_test_suite():
             assert "triton" in dispatch.usable_backends(op), dispatch.why_not(op, "triton")
 
 
-def _triton_calls(device):
-    """Each triton op called on fresh inputs: name -> (function of the inputs, the inputs that take
-    gradients). Attention at fp32 with a 3x3 window; dwconv in training (batch statistics)."""
+def _triton_calls(device, backend="triton"):
+    """Each fused op called on fresh inputs: name -> (function of the inputs, the inputs that take
+    gradients). Attention at fp32 with a 3x3 window; the BatchNorm ops in training (batch
+    statistics)."""
     q, k, v = (torch.randn(2, 2, 9, 16, device=device, requires_grad=True) for _ in range(3))
     table = torch.nn.Parameter(torch.randn(table_rows((3, 3)), 2, device=device))
     x = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
@@ -268,14 +279,18 @@ def _triton_calls(device):
         bn.bias.uniform_(-0.5, 0.5)
 
     def attention(q, k, v, table):
-        return rel_bias_attention(q, k, v, table, (3, 3), backend="triton")
+        return rel_bias_attention(q, k, v, table, (3, 3), backend=backend)
 
     def dwconv(x, weight, gamma, beta):
         return dwconv_bn_gelu(x, weight, gamma, beta, bn.running_mean, bn.running_var, training=True,
-                              backend="triton")
+                              backend=backend)
+
+    def bn_act(x, gamma, beta):
+        return batch_norm_act(x, gamma, beta, bn.running_mean, bn.running_var, training=True, backend=backend)
 
     return {"rel_bias_attention": (attention, (q, k, v, table)),
-            "dwconv_bn_gelu": (dwconv, (x, weight, bn.weight, bn.bias))}
+            "dwconv_bn_gelu": (dwconv, (x, weight, bn.weight, bn.bias)),
+            "batch_norm_act": (bn_act, (x, bn.weight, bn.bias))}
 
 
 @pytest.mark.parametrize("op", ["rel_bias_attention", "dwconv_bn_gelu"])
@@ -337,7 +352,18 @@ def test_fast_path_yields_to_dispatch_modes_and_tracing():
     assert any("rel_bias_attention_triton" in str(n.target) for n in graph.graph.nodes), graph.code
 
 
-@pytest.mark.parametrize("op", ["rel_bias_attention", "dwconv_bn_gelu"])
+@pytest.mark.parametrize("op", ["rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act"])
+def test_ext_double_backward_raises_rather_than_giving_zeros(op, device):
+    """The extension's backward ops have no autograd formula; autograd's fallback for them would
+    make second derivatives silently zero, so create_graph=True raises instead."""
+    assert "ext" in dispatch.usable_backends(op), dispatch.why_not(op, "ext")  # CI builds it
+    fn, inputs = _triton_calls(device, backend="ext")[op]
+    out = fn(*inputs)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad((out * out).sum(), inputs, create_graph=True)
+
+
+@pytest.mark.parametrize("op", ["rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act"])
 @pytest.mark.parametrize("fast", [True, False], ids=["autograd-function", "custom-op"])
 def test_double_backward_raises_rather_than_dropping_the_graph(op, fast, device, monkeypatch):
     """A fused op has no second derivative: differentiating its gradients raises, on both paths,

@@ -11,6 +11,8 @@ from reference import TOLERANCE, batch_norm_act_reference, relative_error
 OP = "batch_norm_act"
 BACKENDS = dispatch.usable_backends(OP)
 FUSED = [b for b in BACKENDS if b != "eager"]
+# Tests of the Triton launchers' own machinery (forced tiles, position splits, merge_stats).
+TRITON = [b for b in FUSED if b == "triton"]
 
 
 def _refused(backend, x, residual=None, training=True):
@@ -112,15 +114,16 @@ def test_every_combination_of_parts(backend, gelu, device):
     check(backend, (3, 6, 5, 4), device, gelu=gelu, residual=False, branch_scale=True)
 
 
-def _half_dtypes(device):
-    # bf16 runs where the kernels compile; the interpreter handles fp16 elementwise maths.
-    return [torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+def _half_dtypes(backend, device):
+    # bf16 runs where the kernels compile (the C++ kernels everywhere); Triton's interpreter
+    # handles fp16 elementwise maths but not bf16.
+    return [torch.float16] + ([torch.bfloat16] if device.type == "cuda" or backend == "ext" else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_half_precision(backend, training, device):
-    for dtype in _half_dtypes(device):
+    for dtype in _half_dtypes(backend, device):
         if backend == "eager" and device.type == "cpu" and dtype == torch.float16:
             continue  # CPU batch_norm has no fp16 kernel; the fused backends are what is under test
         check(backend, (3, 10, 7, 6), device, training=training, dtype=dtype, channels_last=True)
@@ -129,10 +132,17 @@ def test_half_precision(backend, training, device):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_mixed_dtype_residual_promotes(backend, device):
-    """A half-precision branch onto an fp32 residual: the output is fp32, as eager's add."""
-    check(backend, (3, 6, 5, 4), device, dtype=torch.float16, residual=True, residual_dtype=torch.float32,
-          gelu=False)
+@pytest.mark.parametrize("dtype, residual_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
+                                                   (torch.float16, torch.bfloat16)], ids=["fp16+fp32", "fp32+fp64",
+                                                                                          "fp16+bf16"])
+def test_mixed_dtype_residual_promotes(backend, dtype, residual_dtype, device):
+    """A branch onto a residual of another dtype: the output has the promoted dtype, as eager's
+    add (float32 for fp16 + bf16), and d(residual) the residual's. A backend that does not take a
+    float64 residual declines it (checked by check)."""
+    if torch.bfloat16 in _half_dtypes(backend, device) or residual_dtype != torch.bfloat16:
+        check(backend, (3, 6, 5, 4), device, dtype=dtype, residual=True, residual_dtype=residual_dtype, gelu=False)
+        check(backend, (3, 6, 5, 4), device, dtype=dtype, residual=True, residual_dtype=residual_dtype,
+              branch_scale=True, channels_last=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,7 +171,7 @@ def test_momentum_values(backend, momentum, device):
     check(backend, (2, 4, 5, 5), device, momentum=momentum)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_triton_split_positions_and_tiles(backend, channels_last, device, monkeypatch):
     """Programs split an image's positions (an uneven last split), walk each split in several
@@ -174,6 +184,33 @@ def test_triton_split_positions_and_tiles(backend, channels_last, device, monkey
         for training in (True, False):
             check(backend, (2, 37, 11, 13), device, training=training, channels_last=channels_last,
                   residual=True, branch_scale=True)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_many_work_items_merge_right(backend, training, device):
+    """Shapes past one work item of every kernel: an NCHW plane of more than 2**14 positions (the
+    C++ kernels split it in two), channels_last rows past one block (C=67: chunks of 244 rows,
+    blocks of 976, so 1152 rows make a full block and a partial one, with a partial channel
+    vector), and more than one Triton position split. Statistics and the backward's sums are
+    merged across them; the running variance keeps float32 accuracy at mean 1e3 across items too."""
+    check(backend, (1, 2, 130, 128), device, training=training, residual=True, branch_scale=True)
+    check(backend, (2, 67, 24, 24), device, training=training, channels_last=True, residual=True, branch_scale=True)
+    if not training:
+        return
+    g = torch.Generator().manual_seed(4)
+    for shape, fmt in (((1, 2, 130, 128), torch.contiguous_format), ((2, 67, 24, 24), torch.channels_last)):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.5 + 1e3).float()
+        x_dev = x.to(device).contiguous(memory_format=fmt)
+        if _refused(backend, x_dev):
+            return
+        c = shape[1]
+        running_mean, running_var = torch.zeros(c, device=device), torch.ones(c, device=device)
+        batch_norm_act(x_dev, torch.ones(c, device=device), torch.zeros(c, device=device), running_mean, running_var,
+                       training=True, momentum=1.0, backend=backend)
+        x64 = x.double()
+        assert relative_error(running_var, x64.var(dim=(0, 2, 3), unbiased=True)) < 1e-6, shape
+        assert relative_error(running_mean, x64.mean(dim=(0, 2, 3))) < 1e-7, shape
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -287,20 +324,16 @@ def test_triton_runs_its_kernels_and_no_aten_op_on_activations(training, device,
     assert record.aten and not record.activation_sized, record.activation_sized
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", ["triton", "ext"])
 def test_unavailable_backend_raises_with_reason(backend, monkeypatch):
+    """A backend named explicitly that cannot run here raises with its reason (switched off
+    here, so that the test runs whether or not the machine has the backend)."""
     entry = dispatch._TABLE[OP][backend]
     monkeypatch.setitem(dispatch._TABLE[OP], backend, dispatch.OpBackend(
         OP, backend, entry.impl, lambda: "not available: switched off for this test", entry.reasons))
     with pytest.raises(BackendUnavailableError, match=rf"{backend}: .*not available"):
         batch_norm_act(torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3),
                        training=True, backend=backend)
-
-
-def test_ext_has_no_kernel_and_says_so():
-    with pytest.raises(BackendUnavailableError, match="ext: no implementation registered"):
-        batch_norm_act(torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3),
-                       training=True, backend="ext")
 
 
 def _good(**overrides):
@@ -476,7 +509,7 @@ def test_custom_ops_pass_opcheck(make, device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", TRITON)
 def test_triton_statistics_merge_counts_past_32_bits(backend, device):
     """The merge's total count (B * H * W, 2**31 here) and row offsets stay exact past 32 bits:
     per-image partials of 2**20 positions each from 2048 images, merged."""

@@ -1,8 +1,8 @@
 """The C++/CUDA extension behind the "ext" backend: building, caching, the loading rules, and
 float64 gradcheck. Parity of its kernels with float64 eager (outputs, every gradient, running
 statistics, layouts, dtypes, poisoned outputs, determinism, the model in train and eval) runs
-in test_rel_bias_attention.py, test_dwconv_bn_gelu.py and test_model.py, which take every
-usable backend."""
+in test_rel_bias_attention.py, test_dwconv_bn_gelu.py, test_batch_norm_act.py and
+test_model.py, which take every usable backend."""
 import os
 import shutil
 import subprocess
@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from coatnet_fast import cli, ext
-from coatnet_fast.ops import BackendUnavailableError, dispatch, dwconv_bn_gelu_pool, rel_bias_attention
+from coatnet_fast.ops import (BackendUnavailableError, batch_norm_act, dispatch, dwconv_bn_gelu_pool,
+                              rel_bias_attention)
 from coatnet_fast.ops.rel_bias_attention import table_rows
 
-OPS = ("rel_bias_attention", "dwconv_bn_gelu")
+OPS = ("rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act")
 
 
 def _toolchain_reason():
@@ -43,7 +44,7 @@ def library():
 
 
 @needs_toolchain
-def test_ext_is_usable_for_both_ops_with_a_toolchain(library):
+def test_ext_is_usable_for_every_op_with_a_toolchain(library):
     for op in OPS:
         assert "ext" in dispatch.usable_backends(op), dispatch.why_not(op, "ext")
     assert ext.is_loaded() and ext.status()["built"]
@@ -91,6 +92,121 @@ def test_dwconv_gradcheck_float64(library, training, stride, channels_last, devi
                                    training=training, stride=stride, backend="ext")
 
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+def _bn_inputs(shape, channels_last, device, seed=2, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    b, c = shape[:2]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, generator=g, dtype=dtype).to(device).contiguous(memory_format=fmt)
+    gamma = (1 + 0.3 * torch.randn(c, generator=g, dtype=dtype)).to(device)
+    beta = (0.3 * torch.randn(c, generator=g, dtype=dtype)).to(device)
+    running_mean = torch.randn(c, generator=g, dtype=dtype).to(device)
+    running_var = torch.rand(c, generator=g, dtype=dtype).to(device) + 0.5
+    residual = torch.randn(shape, generator=g, dtype=dtype).to(device)
+    branch_scale = torch.tensor([0.0, 1 / 0.7][:b] + [1 / 0.7] * max(0, b - 2), dtype=dtype).to(device)
+    return x, gamma, beta, running_mean, running_var, residual, branch_scale
+
+
+@needs_toolchain
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("activation, with_residual", [("gelu", False), ("identity", True)],
+                         ids=["expand", "projection"])
+def test_batch_norm_act_gradcheck_float64(library, training, channels_last, activation, with_residual, device):
+    """x, BN weight and bias, and the residual (MBConv's projection: with the per-image
+    stochastic-depth scale, one image dropped)."""
+    x, gamma, beta, running_mean, running_var, residual, branch_scale = _bn_inputs((3, 4, 5, 3), channels_last,
+                                                                                   device)
+    inputs = (x, gamma, beta) + ((residual,) if with_residual else ())
+    inputs = tuple(t.requires_grad_() for t in inputs)
+
+    def fn(x, gamma, beta, residual=None):
+        # Fresh running statistics per call: training updates them in place.
+        return batch_norm_act(x, gamma, beta, running_mean.clone(), running_var.clone(), training=training,
+                              activation=activation, residual=residual,
+                              branch_scale=branch_scale if with_residual else None, backend="ext")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@needs_toolchain
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_act_ops_pass_opcheck(library, channels_last, device):
+    """The schemas, the fake kernels registered from Python (dtypes and strides as the real
+    kernels produce them, also for a residual of another dtype and layout) and the autograd
+    registration of the differentiable op."""
+    x, gamma, beta, mean, var, residual, scale = _bn_inputs((2, 5, 4, 3), channels_last, device, dtype=torch.float32)
+    rstd = torch.rsqrt(var + 1e-5)
+    gamma, beta = gamma.requires_grad_(), beta.requires_grad_()
+    x = x.requires_grad_()
+    res_half = residual.half().contiguous().requires_grad_()  # NCHW and fp16 whatever x is
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for args in ((x, gamma, beta, mean, rstd, True, True, None, None),
+                 (x, gamma, beta, mean, rstd, False, False, res_half, scale)):
+        torch.library.opcheck(library.batch_norm_act_forward.default, args, test_utils=utils)
+    torch.library.opcheck(library.batch_norm_stats.default, (x.detach(),), test_utils=utils[:2])
+    torch.library.opcheck(library.batch_norm_act_apply.default,
+                          (x.detach(), mean, gamma.detach() * rstd, beta.detach(), True, res_half.detach(), scale),
+                          test_utils=utils[:2])
+    dy = torch.randn(x.shape, device=device)
+    for training in (True, False):
+        torch.library.opcheck(library.batch_norm_act_backward.default,
+                              (dy, x.detach(), gamma.detach(), beta.detach(), mean, rstd, True, scale, training),
+                              test_utils=utils[:2])
+
+
+@needs_toolchain
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_batch_norm_act_results_do_not_depend_on_the_thread_count(library, channels_last):
+    """Work items depend on the shape alone and are merged in a fixed order: statistics,
+    outputs and gradients are bit-identical with one thread and with several (shapes of several
+    work items each: an NCHW plane past 2**14 positions, channels_last rows past one block, as in
+    test_batch_norm_act.py::test_many_work_items_merge_right)."""
+    shape = (1, 2, 130, 128) if not channels_last else (2, 67, 24, 24)
+    x, gamma, beta, _, _, residual, scale = _bn_inputs(shape, channels_last, "cpu", dtype=torch.float32)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+
+    def run():
+        mean, var = library.batch_norm_stats(x)
+        rstd = torch.rsqrt(var + 1e-5)
+        y = library.batch_norm_act_apply(x, mean, gamma * rstd, beta, True, residual, scale)
+        grads = library.batch_norm_act_backward(dy, x, gamma, beta, mean, rstd, True, scale, True)
+        return (mean, var, y) + tuple(grads)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(max(2, threads))
+        several = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, several):
+        assert torch.equal(a, b)
+
+
+@needs_toolchain
+def test_set_backend_moves_every_fusable_module_to_ext(library, monkeypatch):
+    """With a kernel for every op, set_backend(model, "ext") moves the 1x1 conv + BatchNorm
+    modules (batch_norm_act) too, and the model runs the extension's ops and matches eager."""
+    from coatnet_fast import CoAtNet, get_backend, set_backend
+    from coatnet_fast.models import ConvBN, FusedOpModule
+
+    calls = []
+    entry = dispatch._TABLE["batch_norm_act"]["ext"]
+    monkeypatch.setitem(dispatch._TABLE["batch_norm_act"], "ext", dispatch.OpBackend(
+        entry.op, "ext", lambda *a: calls.append(a[8]) or entry.impl(*a), entry.available, entry.reasons))
+    model = CoAtNet(image_size=(32, 32), num_blocks=(1, 1, 1, 1, 1), channels=(8, 12, 16, 24, 32),
+                    num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    assert set_backend(model, "ext") is model and get_backend(model) == "ext"
+    assert {m.backend for m in model.modules() if isinstance(m, FusedOpModule)} == {"ext"}
+    n_pw = sum(isinstance(m, ConvBN) for m in model.modules())
+    out = model(x)
+    assert len(calls) == n_pw and set(calls) == {"gelu", "identity"}
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
 
 
 def test_build_directory_is_keyed_by_sources_and_versions(tmp_path, monkeypatch):
@@ -198,6 +314,7 @@ def test_build_ext_command_reports_what_it_built_against(library, capsys):
     out = capsys.readouterr().out
     assert out.startswith("built ") and f"torch: {torch.__version__}" in out
     assert "compiler: " in out and "rel_bias_attention_forward" in out and "dwconv_bn_gelu_backward" in out
+    assert "batch_norm_act_backward" in out
     assert cli.main(["info"]) == 0
     assert "C++/CUDA extension: loaded" in capsys.readouterr().out
 
@@ -228,3 +345,20 @@ def test_c_plus_plus_checks_name_the_argument(library):
         library.rel_bias_attention_forward(q, q, q, torch.randn(8, 2), 2, 2, 0.5)
     with pytest.raises(RuntimeError, match=r"window \(3, 2\) must have H\*W == N = 4"):
         library.rel_bias_attention_forward(q, q, q, torch.randn(15, 2), 3, 2, 0.5)
+    x, c = torch.randn(2, 3, 4, 5), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"batch_norm_act_apply: scale must have shape \[C\] = \[3\]"):
+        library.batch_norm_act_apply(x, c, torch.ones(4), c, True, None, None)
+    with pytest.raises(RuntimeError, match=r"batch_norm_act_apply: residual must have x's shape"):
+        library.batch_norm_act_apply(x, c, c, c, True, torch.randn(2, 3, 5, 4), None)
+    with pytest.raises(RuntimeError, match=r"batch_norm_act_apply: branch_scale must have shape \[B\] = \[2\]"):
+        library.batch_norm_act_apply(x, c, c, c, False, None, torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"batch_norm_act_apply: x must be a 4-D \[B, C, H, W\] tensor"):
+        library.batch_norm_act_apply(x[0], c, c, c, True, None, None)
+    with pytest.raises(RuntimeError, match=r"batch_norm_act_backward: grad_y must have x's shape"):
+        library.batch_norm_act_backward(torch.randn(2, 3, 4), x, c, c, c, c, True, None, True)
+    with pytest.raises(RuntimeError, match=r"batch_norm_act_backward: rstd must have shape \[C\] = \[3\]"):
+        library.batch_norm_act_backward(x, x, c, c, c, torch.ones(2), True, None, True)
+    with pytest.raises(RuntimeError, match=r"batch_norm_stats: batch statistics need at least one value"):
+        library.batch_norm_stats(torch.randn(0, 3, 4, 5))
+    with pytest.raises(RuntimeError, match=r"batch_norm_stats: x must be float32, float64, float16 or bfloat16"):
+        library.batch_norm_stats(torch.ones(2, 3, 4, 5, dtype=torch.int32))

@@ -66,15 +66,71 @@ def test_kernel_sources_include_no_torch_header(path):
     assert not torch_headers, f"{path.name} includes torch headers: {torch_headers}"
 
 
-@pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
-def test_cu_compiles_for_sm90(path, tmp_path):
-    """With the flags torch's extension builder adds (no implicit half/bf16 conversions)."""
+@pytest.fixture(scope="module")
+def cu_objects(tmp_path_factory):
+    """Every .cu compiled once for sm_90 (concurrently): {file name: (return code, stderr, object)}."""
     nvcc = find_nvcc()
     flags = torch.utils.cpp_extension.COMMON_NVCC_FLAGS
-    done = subprocess.run(
-        [nvcc, "-std=c++17", "-arch=sm_90", "-O2", *flags, "-c", str(path), "-o", str(tmp_path / "x.o")],
-        capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"nvcc failed on {path.name}:\n{done.stderr[-6000:]}"
+    out = tmp_path_factory.mktemp("cu")
+    running = {}
+    for path in CU_FILES:
+        obj = out / f"{path.stem}.o"
+        running[path.name] = (subprocess.Popen(
+            [nvcc, "-std=c++17", "-arch=sm_90", "-O2", *flags, "-c", str(path), "-o", str(obj)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), obj)
+    results = {}
+    for name, (proc, obj) in running.items():
+        _, stderr = proc.communicate(timeout=900)
+        results[name] = (proc.returncode, stderr, obj)
+    return results
+
+
+@pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
+def test_cu_compiles_for_sm90(path, cu_objects):
+    """With the flags torch's extension builder adds (no implicit half/bf16 conversions)."""
+    returncode, stderr, _ = cu_objects[path.name]
+    assert returncode == 0, f"nvcc failed on {path.name}:\n{stderr[-6000:]}"
+
+
+def test_the_builder_compiles_every_source_here():
+    """ext.py's source lists name exactly the .cpp and .cu files of csrc/ (a kernel file left out
+    of them would build, and fail to load for its missing symbols, only on a GPU machine)."""
+    from coatnet_fast import ext
+
+    assert set(ext.CUDA_SOURCES) == {p.name for p in CU_FILES} | {"ops_cuda.cpp"}
+    assert set(ext.CPU_SOURCES) == {p.name for p in CSRC.glob("*.cpp")} - {"ops_cuda.cpp"}
+    assert "batch_norm_act_cuda.cu" in ext.CUDA_SOURCES and "batch_norm_act_cpu.cpp" in ext.CPU_SOURCES
+
+
+def test_every_declared_launcher_is_defined_with_its_signature(cu_objects, tmp_path):
+    """Each launcher cuda_launchers.h declares (what ops_cuda.cpp calls) is defined in a .cu
+    object under the same mangled name, so with the same parameter types: a mismatch would
+    otherwise surface as an undefined symbol when the library loads on a GPU."""
+    nvcc = find_nvcc()
+    nm = shutil.which("nm")
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    assert nm and compiler, "nm and a C++ compiler are needed"
+    assert all(code == 0 for code, _, _ in cu_objects.values()), "a .cu file does not compile (see above)"
+    header = (CSRC / "cuda_launchers.h").read_text()
+    names = re.findall(r"^(?:cudaError_t|size_t)\s+(\w+)\(", header, re.MULTILINE)
+    assert "batch_norm_act_backward_launch" in names and "dwconv_bn_stats_launch" in names, names
+    user = tmp_path / "uses_launchers.cpp"
+    user.write_text('#include "cuda_launchers.h"\n' + "".join(
+        f"void* use_{name} = reinterpret_cast<void*>(&coatnet_fast_cuda::{name});\n" for name in names))
+    done = subprocess.run([compiler, "-std=c++17", f"-I{CSRC}", f"-I{cuda_include_dir(nvcc)}", "-c", str(user), "-o",
+                           str(tmp_path / "uses.o")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    needed = set(subprocess.run([nm, "--undefined-only", "--format=just-symbols", str(tmp_path / "uses.o")],
+                                capture_output=True, text=True, check=True).stdout.split())
+    needed = {s for s in needed if "coatnet_fast_cuda" in s}
+    assert len(needed) == len(names), (needed, names)
+    defined = set()
+    for _, _, obj in cu_objects.values():
+        defined |= set(subprocess.run([nm, "--defined-only", "--format=just-symbols", str(obj)],
+                                      capture_output=True, text=True, check=True).stdout.split())
+    missing = subprocess.run(["c++filt"], input="\n".join(sorted(needed - defined)), capture_output=True,
+                             text=True).stdout if needed - defined else ""
+    assert needed <= defined, f"declared in cuda_launchers.h but not defined in any .cu:\n{missing}"
 
 
 def test_ops_cuda_cpp_syntax():

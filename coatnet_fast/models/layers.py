@@ -175,8 +175,8 @@ def set_backend(model: nn.Module, backend: str, ops: Optional[Iterable[str]] = N
 
     ``ops`` limits the switch to the modules of those ops (e.g. ``["rel_bias_attention"]``
     while a backend has no kernel for the others); by default every fusable module moves,
-    except those of an op the backend has no implementation of at all (the C++ extension has
-    none of ``batch_norm_act``): they run on eager.
+    except those of an op the backend has no implementation of at all (an entry registered
+    with no kernel): they run on eager.
     Parameters, buffers and ``state_dict()`` keys do not change, so this can be undone by
     calling it again with "eager". A backend that cannot run one of the chosen ops on this
     machine at all raises here, with the reasons; limits that depend on the inputs are checked

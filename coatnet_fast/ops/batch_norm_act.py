@@ -2,13 +2,12 @@
 
 Exactly ``residual + branch_scale.view(B, 1, 1, 1) * act(batch_norm(x, running_mean,
 running_var, bn_weight, bn_bias, training, momentum, eps))``, including the in-place update of
-the running statistics in training, with ``act`` GELU or the identity. In MBConv it follows
-cuDNN's 1x1 convs: the expand's BatchNorm + GELU, and the projection's BatchNorm with the
-block's stochastic-depth scale and residual add. ``momentum`` is the update factor itself, as
+the running statistics in training, with ``act`` GELU or the identity. It follows cuDNN's
+convs: the stem's 3x3 conv layers and MBConv's expand take BatchNorm + GELU, MBConv's
+projection BatchNorm with the block's stochastic-depth scale and residual add. ``momentum`` is the update factor itself, as
 in ``dwconv_bn_gelu``.
 
-Backends: "eager" and "triton". The C++ extension has no kernel for it: a model switched to
-"ext" keeps these modules on eager (see ``models.set_backend``).
+Backends: "eager", "triton" and "ext" (the C++/CUDA extension).
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import ext
 from . import _batch_norm, _checks, dispatch
 
 OP = "batch_norm_act"
@@ -195,7 +195,75 @@ def _triton_reasons(x, residual=None, **_inputs) -> List[str]:
 
 dispatch.register(OP, "eager", batch_norm_act_eager)
 dispatch.register(OP, "triton", batch_norm_act_triton, available=dispatch.triton_available, reasons=_triton_reasons)
-dispatch.register(OP, "ext", None)  # no kernel in the extension: why_not says so, set_backend keeps eager
+
+
+# --- ext backend: torch.ops.coatnet_fast_ext (csrc/), built on first use ---------------------
+# Schemas and CPU/CUDA kernels are registered in C++; fake kernels and the autograd formula of
+# ``batch_norm_act_forward`` (the C++ backward op, from x alone) are added here once the library
+# is loaded. The forward saves what the triton backend's does (_setup_context).
+
+def _ext_fake_stats(x):
+    stats = x.new_empty((x.shape[1],), dtype=ext.acc_dtype(x.dtype))
+    return stats, torch.empty_like(stats)
+
+
+def _ext_fake_apply(x, mean, scale, beta, gelu, residual, branch_scale):
+    return _batch_norm.out_like(x, tuple(x.shape), _out_dtype(x, residual))
+
+
+def _ext_fake_forward(x, bn_weight, bn_bias, mean, rstd, training, gelu, residual, branch_scale):
+    return _ext_fake_apply(x, mean, None, bn_bias, gelu, residual, branch_scale)
+
+
+def _ext_fake_backward(dy, x, bn_weight, bn_bias, mean, rstd, gelu, branch_scale, training):
+    return (_batch_norm.out_like(x, tuple(x.shape)), bn_weight.new_empty(bn_weight.shape),
+            bn_bias.new_empty(bn_bias.shape))
+
+
+def _ext_backward(ctx, dy):
+    # The C++ backward op has no autograd formula of its own: a graph of these gradients
+    # (create_graph=True) would silently differentiate to zero, so it raises instead.
+    dispatch.no_double_backward(OP)
+    x, bn_weight, bn_bias, mean, rstd, branch_scale = ctx.saved_tensors
+    dx, dgamma, dbeta = torch.ops.coatnet_fast_ext.batch_norm_act_backward(
+        dy, x, bn_weight, bn_bias, mean, rstd, ctx.gelu, branch_scale, ctx.training)
+    return dx, dgamma, dbeta, None, None, None, None, _residual_grad(ctx, dy), None
+
+
+def _register_ext_python_parts() -> None:
+    ns = "coatnet_fast_ext::"
+    torch.library.register_fake(ns + "batch_norm_stats")(_ext_fake_stats)
+    torch.library.register_fake(ns + "batch_norm_act_apply")(_ext_fake_apply)
+    torch.library.register_fake(ns + "batch_norm_act_forward")(_ext_fake_forward)
+    torch.library.register_fake(ns + "batch_norm_act_backward")(_ext_fake_backward)
+    torch.library.register_autograd(ns + "batch_norm_act_forward", _ext_backward, setup_context=_setup_context)
+
+
+ext.on_load(_register_ext_python_parts)
+
+
+def batch_norm_act_ext(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, activation,
+                       residual, branch_scale):
+    if not ext.is_loaded():
+        ext.load()
+    batch, _, height, width = x.shape
+    mean, rstd = _batch_norm.normalisation(lambda: torch.ops.coatnet_fast_ext.batch_norm_stats(x.detach()), x,
+                                           batch * height * width, running_mean, running_var, training, momentum,
+                                           eps)
+    return torch.ops.coatnet_fast_ext.batch_norm_act_forward(x, bn_weight, bn_bias, mean, rstd, training,
+                                                             activation == "gelu", residual, branch_scale)
+
+
+def _ext_reasons(x, residual=None, **_inputs) -> List[str]:
+    why = ext.device_reasons(x)
+    for name, t in (("x", x), ("residual", residual)):
+        if t is not None and t.dtype not in ext.DTYPES:
+            why.append(f"{name}: dtype {t.dtype} is not supported ({', '.join(str(d) for d in ext.DTYPES)})")
+    return why
+
+
+dispatch.register(OP, "ext", batch_norm_act_ext, available=ext.unavailable_reason, reasons=_ext_reasons,
+                  prepare=ext.load)
 
 _ARG_NAMES = ("x", "bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps",
               "activation", "residual", "branch_scale")
@@ -236,7 +304,7 @@ def batch_norm_act(
             of x and residual.
         branch_scale: None, or a constant [B] factor per image applied before the add
             (stochastic depth's mask / keep probability); it gets no gradient.
-        backend: "auto", "eager" or "triton" ("ext" has no kernel for this op).
+        backend: "auto", "eager", "triton" or "ext".
     """
     impl, args = _select(backend, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                          activation, residual, branch_scale)

@@ -224,6 +224,9 @@ def _ext_fake_backward(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, str
 
 
 def _ext_backward(ctx, dy, dsums):
+    # The C++ backward op has no autograd formula: under create_graph=True autograd's fallback
+    # would give gradients of it that are silently zero, so it raises instead.
+    dispatch.no_double_backward(OP)
     x, weight, bn_weight, bn_bias, mean, rstd = ctx.saved_tensors
     dx, dweight, dgamma, dbeta = torch.ops.coatnet_fast_ext.dwconv_bn_gelu_backward(
         dy, dsums if ctx.pool else None, x, weight, bn_weight, bn_bias, mean, rstd, ctx.stride, ctx.training)

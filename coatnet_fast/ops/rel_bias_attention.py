@@ -223,6 +223,7 @@ def _ext_fake_backward(do, q, k, v, table, o, lse, height, width, scale):
 
 
 def _ext_backward(ctx, do, _dlse):
+    dispatch.no_double_backward(OP)  # as dwconv_bn_gelu's: the C++ backward op has no autograd formula
     q, k, v, table, o, lse = ctx.saved_tensors
     dq, dk, dv, dtable = torch.ops.coatnet_fast_ext.rel_bias_attention_backward(
         do, q, k, v, table, o, lse, ctx.window[0], ctx.window[1], ctx.scale)
