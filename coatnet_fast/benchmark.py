@@ -396,33 +396,42 @@ def measure(provider: str, model: str, mode: str, settings: dict, device: torch.
 
 
 def add_speedups(results: List[dict]) -> None:
-    """speedup_vs_eager: images/s over the eager reference's, same model and mode."""
-    base = {(r.get("model"), r["mode"]): r["images_per_s"] for r in results
-            if r["provider"] == "eager" and "images_per_s" in r}
-    for r in results:
-        key = (r.get("model"), r.get("mode"))
-        if key in base and "images_per_s" in r:
-            r["speedup_vs_eager"] = r["images_per_s"] / base[key]
+    """Ratios against the same model and mode's eager seed model and its torch.compile (the
+    issue's targets): speedup_vs_eager and speedup_vs_compile (images/s over theirs), and
+    memory_vs_eager (peak memory over eager's, where measured)."""
+    def by_provider(provider, key):
+        return {(r.get("model"), r["mode"]): r[key] for r in results if r["provider"] == provider and key in r}
+
+    for ratio, provider, key in (("speedup_vs_eager", "eager", "images_per_s"),
+                                 ("speedup_vs_compile", "compile", "images_per_s"),
+                                 ("memory_vs_eager", "eager", "peak_memory_gib")):
+        base = by_provider(provider, key)
+        for r in results:
+            where = (r.get("model"), r.get("mode"))
+            if where in base and key in r and base[where] > 0:
+                r[ratio] = r[key] / base[where]
 
 
 # --- report ---------------------------------------------------------------------------------
 
 def format_table(results: List[dict]) -> str:
-    """Model, provider, mode, images/s, ms/step, peak GiB, x eager; errors listed below."""
+    """Model, provider, mode, images/s, ms/step, peak GiB, the speedups over eager and over
+    torch.compile, and peak memory over eager's; errors listed below."""
     def num(r, key, fmt):
         return format(r[key], fmt) if key in r else "-"
 
-    header = ("model", "provider", "mode", "images/s", "ms/step", "peak GiB", "x eager")
+    header = ("model", "provider", "mode", "images/s", "ms/step", "peak GiB", "x eager", "x compile", "mem x eager")
     rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["model"], r["provider"], r["mode"], "error", "-", "-", "-"))
+            rows.append((r["model"], r["provider"], r["mode"], "error") + ("-",) * (len(header) - 4))
         else:
             rows.append((r["model"], r["provider"], r["mode"], num(r, "images_per_s", ",.1f"),
                          num(r, "ms_per_step", ".2f"), num(r, "peak_memory_gib", ".2f"),
-                         num(r, "speedup_vs_eager", ".2f")))
+                         num(r, "speedup_vs_eager", ".2f"), num(r, "speedup_vs_compile", ".2f"),
+                         num(r, "memory_vs_eager", ".2f")))
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    right = {3, 4, 5, 6}
+    right = set(range(3, len(header)))
 
     def line(row):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()

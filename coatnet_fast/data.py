@@ -73,7 +73,8 @@ def digits(split: str, image_size: int = 32, val_fraction: float = 0.2, seed: in
 def random_translate(x: torch.Tensor, max_shift: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Shift each image of a batch [B, C, H, W] by its own random (dy, dx) in
     [-max_shift, max_shift], filling the uncovered border with that image's minimum (the
-    background of a normalised digit). The random draws come from ``generator`` (on the CPU)."""
+    background of a normalised digit). The random draws come from ``generator`` (on the CPU).
+    The result has ``x``'s strides (its memory format), whatever C is."""
     if max_shift <= 0:
         return x
     b, _, h, w = x.shape
@@ -84,9 +85,10 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: Optional[torch.
     cols = shifts[1][:, None] + torch.arange(w, device=x.device)  # [B, W]
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last
-                                              if x.is_contiguous(memory_format=torch.channels_last)
-                                              and not x.is_contiguous() else torch.contiguous_format)
+    # Not .contiguous(memory_format=...): with C == 1 the gathered [B, 1, H, W] view (channels_last
+    # strides) already counts as contiguous and would be kept, and convolutions follow the exact
+    # strides, so the whole network would run channels_last even with channels_last off.
+    return torch.empty_like(x).copy_(out.permute(0, 3, 1, 2))
 
 
 def image_folder(path: str, split: str, image_size: int = 224) -> Dataset:

@@ -1,6 +1,7 @@
 """The benchmark scripts run (at a smoke size) and write what they promise; no timing is asserted."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,6 +133,30 @@ def test_fused_expands_to_every_usable_backend_without_running_it(tmp_path, monk
     assert providers == ["eager"] and "no fused backend" in notes[0]
 
 
+def test_ratios_against_eager_and_compile_per_model_and_mode():
+    """The issue's targets as columns: images/s over eager's and over torch.compile's, peak
+    memory over eager's, each against the same model and mode (never another's)."""
+    def row(model, provider, mode, images_per_s, peak=None):
+        r = {"model": model, "provider": provider, "mode": mode, "images_per_s": images_per_s, "ms_per_step": 1.0}
+        return r if peak is None else {**r, "peak_memory_gib": peak}
+
+    results = [row("coatnet_0", "eager", "train", 100.0, 8.0), row("coatnet_0", "compile", "train", 125.0, 6.0),
+               row("coatnet_0", "backend:triton", "train", 250.0, 4.0), row("coatnet_0", "eager", "infer", 400.0),
+               row("coatnet_0", "backend:triton", "infer", 1000.0), row("coatnet_1", "backend:triton", "train", 50.0, 9.0),
+               {"model": "coatnet_0", "provider": "timm", "mode": "train", "error": "RuntimeError: boom"}]
+    benchmark.add_speedups(results)
+    fast = results[2]
+    assert (fast["speedup_vs_eager"], fast["speedup_vs_compile"], fast["memory_vs_eager"]) == (2.5, 2.0, 0.5)
+    assert results[1]["speedup_vs_compile"] == 1.0 and results[1]["memory_vs_eager"] == 0.75
+    assert results[4]["speedup_vs_eager"] == 2.5  # infer against eager's infer, not its train
+    assert "speedup_vs_compile" not in results[4] and "memory_vs_eager" not in results[4]
+    assert not any(k in results[5] for k in ("speedup_vs_eager", "speedup_vs_compile", "memory_vs_eager"))
+    lines = benchmark.format_table(results).splitlines()
+    assert lines[0].endswith("x eager  x compile  mem x eager")
+    assert lines[2 + 2].split()[-3:] == ["2.50", "2.00", "0.50"]
+    assert lines[-1].strip() == "coatnet_0 timm train: RuntimeError: boom"
+
+
 def test_timm_provider_only_for_coatnet_0_at_a_real_size(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
     assert benchmark.expand_providers(["eager", "timm"], "coatnet_0", smoke=False) == (["eager", "timm"], [])
@@ -217,13 +242,58 @@ def test_bench_batch_norm_act_smoke(tmp_path):
     assert {r["provider"] for r in rows} >= {"eager"} | triton and kernels.FORCED_TILES is None
 
 
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 def test_bench_rel_bias_attention_smoke(tmp_path):
+    """Every record: the timings, TFLOP/s and GB/s (finite, positive, TFLOP/s from the documented
+    flop count), the ratios to eager and to the best peer (sdpa, the only peer on a CPU), the
+    case; and the environment beside them (device, torch and triton versions, commit)."""
+    import importlib.metadata
+
     import bench_rel_bias_attention
 
     out = tmp_path / "attn.json"
     assert bench_rel_bias_attention.main(["--smoke", "--providers", "eager,sdpa", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"]
+    payload = json.loads(out.read_text())
+    rows = payload["results"]
     assert {r["provider"] for r in rows} == {"eager", "sdpa"} and all(r["correct"] for r in rows)
+
+    assert payload["benchmark"] == "rel_bias_attention"
+    env = payload["env"]
+    on_gpu = torch.cuda.is_available()
+    assert env["device"].startswith(torch.cuda.get_device_name() if on_gpu else "cpu ("), env
+    assert env["torch"] == torch.__version__
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "not installed"
+    assert env["triton"] == triton_version
+    assert env["commit"] and env["commit"] == benchmark.commit(), env
+    bandwidth = payload["copy_bandwidth_gbps"]
+    assert _finite_positive(bandwidth) if on_gpu else math.isnan(bandwidth)
+
+    # Seed model at 64x64: S3 a 4x4 window, S4 2x2, 8 heads; batch 2, d 32, fp32.
+    cases = {(r["window"], r["mode"]) for r in rows}
+    assert cases == {(w, m) for w in (4, 2) for m in ("fwd", "fwd+bwd")}
+    for r in rows:
+        where = (r["provider"], r["mode"], r["window"])
+        assert (r["N"], r["heads"], r["d"], r["batch"], r["dtype"]) == (r["window"] ** 2, 8, 32, 2, "fp32"), where
+        for key in ("ms", "ms_p20", "ms_p80", "tflops", "gbps", "speedup_vs_eager", "speedup_vs_best_peer"):
+            assert _finite_positive(r.get(key)), (where, key, r.get(key))
+        assert r["ms_p20"] <= r["ms"] <= r["ms_p80"], where
+        per_pass = {"fwd": 4, "fwd+bwd": 14}[r["mode"]]  # 2 matmuls forward, 5 backward
+        flops = per_pass * r["batch"] * r["heads"] * r["N"] ** 2 * r["d"]
+        assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12, rel=1e-9), where
+        assert set(r["rel_errors"]) == {"out", "dq", "dk", "dv", "dtable"}
+        assert all(0 <= e <= 1e-4 for e in r["rel_errors"].values()), where
+        peers = {p["provider"]: p["ms"] for p in rows if (p["window"], p["mode"]) == (r["window"], r["mode"])}
+        assert r["speedup_vs_eager"] == pytest.approx(peers["eager"] / r["ms"]), where
+        assert r["speedup_vs_best_peer"] == pytest.approx(peers["sdpa"] / r["ms"]), where
+        assert ("fraction_of_copy_bandwidth" in r) == on_gpu, where
+        if on_gpu:
+            assert r["fraction_of_copy_bandwidth"] == pytest.approx(r["gbps"] / bandwidth), where
 
 
 def test_profile_ops_smoke(tmp_path):

@@ -1,7 +1,7 @@
 """dwconv_bn_gelu: every usable backend against an independent float64 computation."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coatnet_fast.ops import BackendUnavailableError, dispatch, dwconv_bn_gelu, dwconv_bn_gelu_pool
@@ -76,9 +76,75 @@ def test_matches_reference_dtypes(backend, dtype, training, device):
 
 
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
-def test_large_mean_channel_keeps_its_variance(backend, device):
-    """A channel with mean 1e3 and std ~1: naive sum-of-squares statistics lose it in fp32."""
-    check(backend, (4, 3, 12, 12), 1, True, True, torch.float32, device, channel_mean=1e3)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_large_mean_channel_keeps_its_variance(backend, channels_last, device):
+    """The conv output has mean ~1e3 and std ~1 in every channel, at the borders too: x has mean
+    1e3 and each channel's weight is a centre tap in about 0.7..1.3 with off-centre taps of ~1e-4
+    (a border position, missing three or five taps, moves by ~0.2, not by hundreds as with taps
+    of ~0.3). E[z^2] - E[z]^2 in fp32 then cancels 1e6 against 1e6 and loses the variance whole;
+    shifted (Welford / Chan) statistics keep it to fp32 rounding.
+
+    The running variance (momentum 1: the unbiased batch variance) and mean are checked at fp32
+    tolerance. Outputs and gradients can be no closer than the fp32 conv output allows: half an
+    ulp of 1e3 is 3e-5 of the unit std, in every element, and d(weight) sums dz (whose channel
+    sum is zero in training) times x ~ 1e3, so it takes that cancellation: ~3e-4 relative here,
+    hence 1e-3. A lost variance is off by far more (see the assertion on the premise below)."""
+    shape, stride = (2, 8, 7, 9), 1
+    g = torch.Generator().manual_seed(11)
+    c = shape[1]
+    # The op gets fp32 values: the reference starts from the same ones (at 1e3 an fp32 x alone
+    # is 3e-5 off its float64 draw, relative to a unit std).
+    x64 = (torch.randn(shape, generator=g, dtype=torch.float64) + 1e3).float().double()
+    w64 = 1e-4 * torch.randn(c, 1, 3, 3, generator=g, dtype=torch.float64)
+    w64[:, 0, 1, 1] = 1 + 0.1 * torch.randn(c, generator=g, dtype=torch.float64)
+    w64 = w64.float().double()
+    g64, b64 = ((1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)).float().double(),
+                (0.3 * torch.randn(c, generator=g, dtype=torch.float64)).float().double())
+    m64, v64 = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    grad_out = torch.randn(shape, generator=g, dtype=torch.float64).float().double()
+
+    # The premise: every channel of the conv output (borders included) has mean ~1e3, std ~1.
+    z = torch.nn.functional.conv2d(x64, w64, None, stride, 1, 1, c)
+    assert (z.mean(dim=(0, 2, 3)) > 500).all() and (z.std(dim=(0, 2, 3)) - 1).abs().max() < 0.5
+
+    x = x64.float().to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if _refused(backend, x):
+        return
+    x.requires_grad_(True)
+    params = [t.float().to(device).requires_grad_(True) for t in (w64, g64, b64)]
+    running_mean, running_var = m64.float().to(device), v64.float().to(device)
+    out = dwconv_bn_gelu(x, *params, running_mean, running_var, training=True, momentum=1.0, stride=stride,
+                         backend=backend)
+    grads = torch.autograd.grad(out, [x] + params, grad_out.float().to(device))
+
+    ref_in = [t.clone().requires_grad_(True) for t in (x64, w64, g64, b64)]
+    ref_out, ref_mean, ref_var = dwconv_bn_gelu_reference(*ref_in, m64, v64, True, 1.0, 1e-5, stride)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, grad_out)
+    assert relative_error(ref_var, z.var(dim=(0, 2, 3), unbiased=True)) < 1e-12  # momentum 1: the batch's
+
+    for name, a, b, tolerance in (("running_var", running_var, ref_var, TOLERANCE[torch.float32]),
+                                  ("running_mean", running_mean, ref_mean, 1e-6)):
+        err = relative_error(a, b)
+        assert err <= tolerance, f"{name}: relative error {err:.2e} > {tolerance:.0e}"
+    for name, a, b in zip(("out", "dx", "dweight", "dbn_weight", "dbn_bias"), (out,) + grads,
+                          (ref_out,) + ref_grads):
+        err = relative_error(a, b)
+        assert err <= 1e-3, f"{name}: relative error {err:.2e} > 1e-3"
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stride, channels_last", [(1, False), (2, False), (2, True)],
+                         ids=["s1-nchw", "s2-nchw", "s2-nhwc"])
+def test_half_precision_layouts_and_strides(backend, dtype, stride, channels_last, device):
+    """fp16 and bf16 beyond test_matches_reference_dtypes' channels_last stride 1: NCHW, and
+    stride 2 in both layouts, train and eval. (bf16 runs on the CPU interpreter too: these
+    kernels convert every load to fp32 and do no bf16 arithmetic, unlike the elementwise
+    kernels the interpreter's bf16 defect concerns; test_matches_reference_dtypes runs it too.)"""
+    for training in (True, False):
+        check(backend, (2, 8, 7, 9), stride, training, channels_last, dtype, device)
 
 
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
@@ -88,16 +154,17 @@ def test_momentum_values(backend, device):
 
 
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
-@settings(max_examples=15, deadline=None)
+# The device fixture is a torch.device, which no example changes: sharing it across examples is safe.
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     b=st.integers(1, 3), c=st.integers(1, 9), h=st.integers(1, 12), w=st.integers(1, 12),
     stride=st.sampled_from([1, 2]), training=st.booleans(), channels_last=st.booleans(), seed=st.integers(0, 99),
 )
-def test_fuzzed_small_shapes(backend, b, c, h, w, stride, training, channels_last, seed):
+def test_fuzzed_small_shapes(backend, device, b, c, h, w, stride, training, channels_last, seed):
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     if training and b * ho * wo < 2:
         return  # one value per channel has no batch variance; its rejection is tested below
-    check(backend, (b, c, h, w), stride, training, channels_last, torch.float32, torch.device("cpu"), seed=seed)
+    check(backend, (b, c, h, w), stride, training, channels_last, torch.float32, device, seed=seed)
 
 
 @pytest.mark.parametrize("backend", ["triton", "ext"])
@@ -411,3 +478,95 @@ def test_strided_parameters_are_read_right(backend, device):
             results.append((out,) + grads + params[2:])
         for name, a, b in zip(("out", "dx", "dgamma", "dbeta", "running_mean", "running_var"), *results):
             assert relative_error(a, b) < 1e-5, (training, name)
+
+
+def _custom_ops(backend):
+    """(stats, forward, backward, apply or None) of a fused backend, as torch.compile sees them."""
+    if backend == "triton":
+        import importlib
+
+        # The package exports the op under the module's name.
+        op_module = importlib.import_module("coatnet_fast.ops.dwconv_bn_gelu")
+        return op_module._triton_stats, op_module._triton_forward, op_module._triton_backward, None
+    from coatnet_fast import ext
+
+    ext.load()
+    library = torch.ops.coatnet_fast_ext
+    return (library.dwconv_bn_stats.default, library.dwconv_bn_gelu_forward.default,
+            library.dwconv_bn_gelu_backward.default, library.dwconv_bn_gelu_apply.default)
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])
+@pytest.mark.parametrize("make", [
+    lambda d: torch.randn(2, 5, 5, 6, device=d)[:, :, :, 1:5],
+    lambda d: torch.randn(2, 5, 5, 4, device=d).contiguous(memory_format=torch.channels_last),
+], ids=["nchw-cropped", "nhwc"])
+def test_custom_ops_pass_opcheck(backend, make, device):
+    """The schemas, the fake kernels (output shapes, dtypes and strides as the real kernels give
+    them: channels_last for channels_last x, contiguous for any other x, a view included; and
+    for an fp16 x with fp32 parameters) and the autograd registration of the differentiable op,
+    for the Triton custom ops and the extension's ops."""
+    x = make(device)
+    if _refused(backend, x):
+        return
+    stats, forward, backward, apply = _custom_ops(backend)
+    g = torch.Generator().manual_seed(6)
+    c = x.shape[1]
+    weight, gamma, beta, mean = (t.to(device) for t in (torch.randn(c, 1, 3, 3, generator=g), 1 + 0.3 * torch.randn(
+        c, generator=g), 0.3 * torch.randn(c, generator=g), torch.randn(c, generator=g)))
+    rstd = (torch.rand(c, generator=g) + 0.5).to(device)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for dtype, training, stride, pool in ((torch.float32, True, 1, False), (torch.float16, False, 2, True)):
+        xs = x.to(dtype).requires_grad_(True)
+        params = [t.clone().requires_grad_(True) for t in (weight, gamma, beta)]
+        torch.library.opcheck(forward, (xs, *params, mean, rstd, training, stride, pool), test_utils=utils)
+        torch.library.opcheck(stats, (xs.detach(), weight, stride), test_utils=utils[:2])
+        y, sums = forward(xs.detach(), weight, gamma, beta, mean, rstd, training, stride, pool)
+        dy = torch.randn(y.shape, generator=g).to(device, dtype)
+        dsums = torch.randn(sums.shape, generator=g).to(device) if pool else None
+        torch.library.opcheck(backward, (dy, dsums, xs.detach(), weight, gamma, beta, mean, rstd, stride, training),
+                              test_utils=utils[:2])
+        if apply is not None:
+            scale = gamma * rstd
+            torch.library.opcheck(apply, (xs.detach(), weight, scale, beta - mean * scale, stride, pool),
+                                  test_utils=utils[:2])
+            torch.library.opcheck(apply, (xs.detach(), weight * scale.view(-1, 1, 1, 1), None, beta, stride, pool),
+                                  test_utils=utils[:2])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_forward_reads_the_activation_twice_in_training_once_in_eval(channels_last, device, monkeypatch):
+    """The forward's passes over the activation: statistics then apply in training, the apply
+    alone in eval (BatchNorm folded into the weights), with or without the SE pool in the
+    epilogue. Every Triton launch is recorded (any kernel of any module), and a pass over the
+    activation is a launch given a tensor of the output's size or more: the statistics' merge
+    reads [B, C] partials only. A third pass, or statistics moved out of the kernels, changes the list."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    launcher = type(kernels._stats)  # JITFunction, or InterpretedFunction under TRITON_INTERPRET=1
+    real_run = launcher.run
+    launches = []
+
+    def run(self, *args, **kwargs):
+        tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        launches.append((self.fn.__name__, any(t.numel() >= activation for t in tensors)))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(launcher, "run", run)
+    c, stride = 8, 2
+    x = torch.randn(2, c, 7, 9, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if _refused("triton", x):
+        return
+    activation = 2 * c * 4 * 5  # the output's numel (stride 2); x has 2 * c * 7 * 9
+    params = [torch.randn(c, 1, 3, 3, device=device), torch.rand(c, device=device) + 0.5,
+              torch.randn(c, device=device)]
+    for training in (True, False):
+        for op in (dwconv_bn_gelu, dwconv_bn_gelu_pool):
+            launches.clear()
+            running = [torch.zeros(c, device=device), torch.ones(c, device=device)]
+            op(x, *params, *running, training=training, stride=stride, backend="triton")
+            passes = [name for name, over_activation in launches if over_activation]
+            assert passes == (["_stats", "_apply"] if training else ["_apply"]), (training, op.__name__, launches)
+            assert all(name.startswith("_") for name, _ in launches)  # the recording sees kernels by name

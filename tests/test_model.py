@@ -317,6 +317,65 @@ def test_model_on_fused_backend_matches_eager(backend, device):
     assert relative_error(fused(x), reference(x)) < 1e-4
 
 
+def _is_channels_last(t):
+    """Channels are the innermost dimension (strictly: sizes of 1 leave both layouts contiguous)."""
+    return t.stride(1) == 1 and t.stride(3) == t.shape[1]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_model_runs_channels_last_end_to_end(backend, device, monkeypatch):
+    """Given channels_last weights and input, every 4-D activation of the fused model (each
+    module's output, each fused op's input and output) stays channels_last, with no conversion
+    back to NCHW on the way, and so do the gradients of the input and of every conv weight;
+    the result matches the NCHW eager model."""
+    ops = _fused_ops(backend, device)
+    if not ops:
+        return  # this backend takes none of the model's ops on this device (see _fused_ops)
+    reference = randomize(CoAtNet(image_size=(64, 64), **SMALL)).to(device)
+    fused = set_backend(copy.deepcopy(reference), backend, ops).to(memory_format=torch.channels_last)
+    not_channels_last = []
+
+    def check(where, t):
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1:
+            if not _is_channels_last(t):
+                not_channels_last.append((where, tuple(t.shape), t.stride()))
+
+    for name, module in fused.named_modules():
+        module.register_forward_hook(lambda m, args, out, name=name: check(name or "model", out))
+    fused_calls = []
+    for op in ("dwconv_bn_gelu", "batch_norm_act"):
+        if op not in ops:
+            continue
+        entry = dispatch._TABLE[op][backend]
+
+        def spy(*args, op=op, impl=entry.impl, **kwargs):
+            fused_calls.append(op)
+            check(f"{op} input", args[0])
+            out = impl(*args, **kwargs)
+            check(f"{op} output", out[0] if isinstance(out, tuple) else out)
+            return out
+
+        monkeypatch.setitem(dispatch._TABLE[op], backend,
+                            dispatch.OpBackend(entry.op, backend, spy, entry.available, entry.reasons))
+    x = torch.randn(2, 3, 64, 64, device=device)
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_(True)
+    x.requires_grad_(True)
+    out, expected = fused(x_cl), reference(x)
+    assert not not_channels_last, not_channels_last
+    assert set(fused_calls) == {"dwconv_bn_gelu", "batch_norm_act"} & set(ops)
+    assert relative_error(out, expected) < 1e-4
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    assert _is_channels_last(x_cl.grad)
+    assert relative_error(x_cl.grad, x.grad) < 1e-4
+    params = dict(reference.named_parameters())
+    for name, p in fused.named_parameters():
+        if p.dim() == 4:
+            assert p.grad.is_contiguous(memory_format=torch.channels_last), name
+        assert relative_error(p.grad, params[name].grad) < 1e-4, name
+
+
 @pytest.mark.parametrize("backend", [b for b in FUSED if not dispatch.why_not("rel_bias_attention", b)])
 def test_attention_module_hands_the_op_strided_views(backend, monkeypatch):
     """No copy between the qkv projection and the fused op: q, k, v arrive as its views."""

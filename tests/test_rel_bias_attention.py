@@ -484,3 +484,253 @@ def test_empty_batch(backend, window, device, poison_empty):
     grads = torch.autograd.grad(out.sum(), inputs)
     assert out.shape == inputs[0].shape and all(g.shape == t.shape for g, t in zip(grads, inputs))
     assert torch.equal(grads[3], torch.zeros_like(grads[3]))
+
+
+# --- d(table) partials, determinism, a 32x32 window, the in-kernel bias gather ----------------
+
+def _fake_gpu(monkeypatch, sms):
+    """torch.cuda.get_device_properties as on a GPU with ``sms`` SMs (the batch-group helpers
+    read only the SM count), so that the GPU sizing is checked on any machine."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(multi_processor_count=sms))
+
+
+@pytest.mark.parametrize("sms", [None, 1, 78, 132], ids=lambda s: "cpu" if s is None else f"gpu-{s}sm")
+def test_dtable_partials_are_bounded_independent_of_batch(sms, monkeypatch):
+    """The [groups, heads, N, N] d(bias) partials of both backward paths: ``groups`` comes from
+    the machine (and the window), not the batch: at most a few programs per SM (two on the
+    CPU) at any batch, the same at 2**20 and 2**24; a batch-sized buffer (groups = batch) fails."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    if sms is None:
+        device, per_machine = torch.device("cpu"), 2
+    else:
+        _fake_gpu(monkeypatch, sms)
+        device, per_machine = torch.device("cuda"), 8 * sms
+    for heads in (1, 2, 12, 32):
+        for n in (1, 49, 196, 1024):
+            sizes = {"_small_groups": lambda b: kernels._small_groups(b, heads, device),
+                     "_batch_groups": lambda b: kernels._batch_groups(b, heads, n, device)}
+            for name, groups in sizes.items():
+                where = f"{name} heads={heads} N={n} sms={sms}"
+                assert groups(0) == 0, where  # an empty batch: no partials
+                for batch in (1, 2, 3, 7, 64, 100, 512, 4096, 2**16, 2**20, 2**24):
+                    assert 1 <= groups(batch) <= min(batch, per_machine), (where, batch)
+                assert groups(2**20) == groups(2**24), where
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+@pytest.mark.parametrize("path", ["single-tile", "tiled"])
+def test_dtable_partials_do_not_grow_with_batch(backend, path, device, monkeypatch):
+    """The backward's allocations with a trailing [N, N]: only the d(bias) partials, [groups,
+    heads, N, N] with the helpers' group count (on the CPU the same two groups at batch 2 and
+    16); the gradients against float64 at both sizes. torch.empty / zeros / full / ones and their
+    _like forms are recorded while the backward runs."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    if path == "tiled":
+        monkeypatch.setattr(kernels, "SMALL_N_MAX", 0)
+    window, heads, d = (4, 5), 2, 16
+    n = window[0] * window[1]
+    leading = {}
+    for batch in (2, 16):
+        inputs, grad_out = make_inputs(batch, heads, window, d, torch.float32, device, strided=True, seed=batch)
+        if refused(backend, inputs, window):
+            return
+        out = rel_bias_attention(*inputs, window, backend=backend)
+        shapes = []
+        with monkeypatch.context() as m:
+            for factory in ("empty", "zeros", "full", "ones", "empty_like", "zeros_like", "full_like", "ones_like",
+                            "empty_strided"):
+                real = getattr(torch, factory)
+
+                def recording(*args, _real=real, **kwargs):
+                    t = _real(*args, **kwargs)
+                    shapes.append(tuple(t.shape))
+                    return t
+
+                m.setattr(torch, factory, recording)
+            grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+        assert_matches_reference(out, grads, inputs, grad_out, window, TOLERANCE[torch.float32])
+        square = [s for s in shapes if s[-2:] == (n, n)]
+        groups = (kernels._small_groups(batch, heads, device) if path == "single-tile"
+                  else kernels._batch_groups(batch, heads, n, device))
+        assert square == [(groups, heads, n, n)], (batch, shapes)
+        leading[batch] = square[0][0]
+    if device.type == "cpu":
+        assert leading[2] == leading[16] == 2, leading
+
+
+def _atomics_in(source: str) -> list:
+    """The ``atomic_*`` names (tl.atomic_add, atomic_cas, an imported atomic_max, ...) in Python source."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = ([node.attr] if isinstance(node, ast.Attribute) else [node.id] if isinstance(node, ast.Name)
+                 else [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+        found += [f"line {node.lineno}: {name}" for name in names if name.startswith("atomic_")]
+    return found
+
+
+def test_no_kernel_uses_atomics():
+    """Bit-identical gradients across runs need a fixed summation order: no kernel under
+    kernels/ may use tl.atomic_* (the interpreter runs programs one by one, so the run-twice
+    test cannot see a race on the CPU). Every file is parsed, and each @triton.jit function's
+    own source too; the checker itself must flag an atomic."""
+    import importlib
+    import inspect
+    import pkgutil
+    from pathlib import Path
+
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import coatnet_fast.kernels as package
+
+    assert _atomics_in("@triton.jit\ndef k(P):\n    tl.atomic_add(P, 1.0)\n") == ["line 3: atomic_add"]
+    assert _atomics_in("from triton.language import atomic_max as m\n") == ["line 1: atomic_max"]
+    files = sorted(Path(package.__path__[0]).glob("*.py"))
+    assert "rel_bias_attention.py" in {f.name for f in files}
+    for f in files:
+        text = f.read_text()
+        assert _atomics_in(text) == [] and "atomic_" not in text, f
+    kernels = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, (triton.runtime.JITFunction, InterpretedFunction)):
+                kernels.append(f"{info.name}.{name}")
+                source = inspect.cleandoc("\n" + inspect.getsource(obj.fn))
+                assert _atomics_in(source) == [], kernels[-1]
+    assert {"rel_bias_attention._fwd", "rel_bias_attention._bwd_small", "rel_bias_attention._bwd_dq_dbias",
+            "rel_bias_attention._bias_to_table"} <= set(kernels), kernels
+
+
+def test_deterministic_mode_switches_autotuning_off(monkeypatch):
+    """Autotuning (on GPUs, COATNET_FAST_AUTOTUNE unset) picks tiles by a timing race, and the
+    tiles set the summation order: under torch.use_deterministic_algorithms(True) it is off and
+    the tiles are the fixed ones, otherwise on. A CUDA stand-in (only ``.device`` is read), so
+    this runs on any machine; the global flag is put back."""
+    import types
+
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    monkeypatch.setenv("COATNET_FAST_AUTOTUNE", "1")
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"))
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert kernels.autotuning(on_gpu) is True
+        assert kernels._pinned(kernels._bwd_dq_dbias, 196, 32, on_gpu) is None  # the autotuner picks
+        torch.use_deterministic_algorithms(True)
+        assert kernels.autotuning(on_gpu) is False
+        assert kernels._pinned(kernels._bwd_dq_dbias, 196, 32, on_gpu) == kernels._fixed(
+            kernels._bwd_dq_dbias, 196, 32, torch.device("cuda"))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        assert kernels.autotuning(on_gpu) is False
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    restored = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    assert restored == saved
+    assert kernels.autotuning(torch.zeros(1)) is False  # CPU tensors: the interpreter, never tuned
+    monkeypatch.setenv("COATNET_FAST_AUTOTUNE", "0")
+    assert kernels.autotuning(on_gpu) is False
+
+
+def _float64_attention(q, k, v, table, window):
+    """softmax(q k^T / sqrt(d) + bias) v in float64, the relative index built by broadcasting
+    (relative_index_by_loops takes seconds at N = 1024)."""
+    height, width = window
+    pos = torch.arange(height * width)
+    y, x = pos // width, pos % width
+    index = (y[:, None] - y[None, :] + height - 1) * (2 * width - 1) + (x[:, None] - x[None, :] + width - 1)
+    q, k, v, table = (t.detach().double().cpu() for t in (q, k, v, table))
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + table[index].permute(2, 0, 1)
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+def test_32x32_window_forward(backend, device):
+    """N = 1024 (a 32x32 window: 16 query tiles by 8 key tiles on the CPU) against float64.
+    The backward at this size takes ~18 s under the interpreter (14 s of it _bias_to_table),
+    too long for the CPU suite; test_above_one_key_tile covers the tiled backward at 24x24."""
+    window = (32, 32)
+    inputs, _ = make_inputs(1, 1, window, 16, torch.float32, device, strided=True, seed=3)
+    if refused(backend, inputs, window):
+        return
+    with torch.no_grad():
+        out = rel_bias_attention(*inputs, window, backend=backend)
+    err = relative_error(out.cpu(), _float64_attention(*inputs, window))
+    assert err <= TOLERANCE[torch.float32], err
+
+
+
+
+class _TensorOps:
+    """A TorchDispatchMode log of every aten op run and the bytes of the largest tensor it
+    returns. Factory calls (torch.empty, ...) and copies go through it too (under the
+    interpreter, also its byte-wise host staging of the kernel arguments); a kernel's loads and
+    stores are not torch ops."""
+
+    GATHERS = ("index", "_unsafe_index", "index_select", "gather", "take", "embedding", "take_along_dim")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        log = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                log.ops.append(func.overloadpacket.__name__)
+                log.nbytes.append(max([t.numel() * t.element_size() for t in tree_leaves(out)
+                                       if isinstance(t, torch.Tensor)], default=0))
+                return out
+
+        self.mode, self.ops, self.nbytes = Mode(), [], []
+
+    def gathers(self):
+        return [op for op in self.ops if op in self.GATHERS]
+
+    def created_at_least(self, nbytes):
+        return [(op, n) for op, n in zip(self.ops, self.nbytes) if n >= nbytes]
+
+
+@pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b == "triton"])
+def test_triton_forward_gathers_the_bias_in_the_kernel(backend, device, monkeypatch):
+    """The forward reads table[offset(i, j), h] inside the kernel: no aten index / gather /
+    index_select / embedding op runs and no tensor as large as a [heads, N, N] bias even in
+    half precision is made (q, k, v, o are smaller at d = 16, batch 1). Checked through the autograd.Function
+    eager path (a dispatch mode would otherwise switch it to the custom op, whose body the mode
+    does not see) and through the launcher the custom op runs; the same check on the eager
+    backend must see its gather, or it proves nothing."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    window, heads, d = (7, 7), 2, 16
+    n = window[0] * window[1]
+    inputs, _ = make_inputs(1, heads, window, d, torch.float32, device, strided=False, seed=7)
+    if refused(backend, inputs, window):
+        return
+    expected = _float64_attention(*inputs, window)
+    monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: True)  # as in eager use, without a mode
+    for name, forward in [
+        ("op", lambda q, k, v, t: rel_bias_attention(q, k, v, t, window, backend=backend)),
+        ("launcher", lambda q, k, v, t: kernels.rel_bias_attention_fwd(q, k, v, t, *window, d ** -0.5)[0]),
+    ]:
+        log = _TensorOps()
+        with log.mode:
+            out = forward(*inputs)
+        assert "empty" in log.ops, (name, log.ops)  # the mode sees the launcher's allocations
+        assert log.gathers() == [], (name, log.ops)
+        assert log.created_at_least(heads * n * n * 2) == [], (name, log.ops, log.nbytes)
+        assert relative_error(out.detach().cpu(), expected) <= TOLERANCE[torch.float32], name
+
+    log = _TensorOps()
+    with log.mode:
+        rel_bias_attention(*inputs, window, backend="eager")
+    assert "index_select" in log.gathers(), log.ops
+    assert ("index_select", heads * n * n * 4) in log.created_at_least(heads * n * n * 2), log.ops

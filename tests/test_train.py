@@ -1,14 +1,19 @@
-"""`coatnet-fast train`: the digits data, the command end to end, exact resume, training parity
-of the fused backends with eager, DistributedDataParallel on the CPU (gloo), and the >= 95%
-digits claim of the README's default run."""
+"""`coatnet-fast train`: the digits data, the command end to end, exact resume (fp32 and fp16 with
+its grad scaler), training parity of the fused backends with eager, DistributedDataParallel on
+the CPU (gloo), the >= 95% digits claim of the README's default run, --precision,
+--channels-last and --compile, and --data through an ImageFolder (a stub torchvision here, the
+real one where it is installed)."""
 import csv
+import importlib.util
 import io
 import json
+import math
 import os
 import re
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -28,6 +33,45 @@ def last_stdout_line(text):
 
 def strip_timing(metrics):
     return [{k: v for k, v in m.items() if k not in T.TIMING_KEYS} for m in metrics]
+
+
+# The smallest model the command tests train (0.03M parameters; a few steps take about a second).
+TINY_CONFIG = '{"channels": [8, 16, 16, 32, 32], "heads": 2}'
+TINY_RUN = ["train", "--config", TINY_CONFIG, "--batch-size", "16", "--epochs", "1", "--no-plot", "--no-progress",
+            "--device", "cpu"]
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """Watches the model train() builds: a record per forward of whether it was training, the
+    autocast state inside it, the input's and logits' shape and dtype, and the memory format of
+    stage s1's input (8 channels at 16x16, where channels_last is observable; a 1-channel image is
+    both layouts at once)."""
+    records = []
+    real_build = T.build_model
+
+    def build_and_watch(kwargs):
+        model = real_build(kwargs)
+        s1_inputs = []
+
+        def on_s1(module, inputs):
+            x = inputs[0]
+            s1_inputs.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()))
+
+        def on_forward(module, inputs, output):
+            x = inputs[0]
+            records.append(dict(
+                training=module.training, autocast=torch.is_autocast_enabled("cpu"),
+                autocast_dtype=torch.get_autocast_dtype("cpu"), input_shape=tuple(x.shape), input_dtype=x.dtype,
+                logits_shape=tuple(output.shape), logits_dtype=output.dtype,
+                logits_finite=bool(torch.isfinite(output).all()), s1_input=s1_inputs.pop()))
+
+        model.s1.register_forward_pre_hook(on_s1)
+        model.register_forward_hook(on_forward)
+        return model
+
+    monkeypatch.setattr(T, "build_model", build_and_watch)
+    return records
 
 
 # --- 1. data --------------------------------------------------------------------------------
@@ -86,6 +130,13 @@ def test_random_translate_moves_each_image_by_at_most_max_shift():
     assert len({(int(r), int(c)) for r, c in zip(rows, cols)}) > 10  # per-image shifts, all 25 possible
     assert torch.equal(y, data.random_translate(x, 2, torch.Generator().manual_seed(0)))
     assert data.random_translate(x, 0, g) is x
+    # The input's memory format is kept exactly: a 1-channel NCHW batch does not come back with
+    # channels_last strides (which convolutions follow), and a channels_last batch stays so.
+    assert y.stride() == x.stride()
+    xc = torch.randn(4, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    yc = data.random_translate(xc, 2, g)
+    assert yc.stride() == xc.stride() and not yc.is_contiguous()
+    assert data.random_translate(xc.contiguous(), 2, g).is_contiguous()
 
 
 # --- schedule and progress ---------------------------------------------------------------------
@@ -197,12 +248,10 @@ class _Interrupted(Exception):
     pass
 
 
-def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
-    """CPU, fp32: 2 epochs straight vs 1 epoch, an interruption, and --resume auto: bit-identical model,
-    optimizer, scheduler and RNG states, and the same logged metrics (timings aside). Stochastic
-    depth and the digits translation make the RNG states matter."""
-    args = ["train", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "32", "--drop-path", "0.2",
-            "--warmup-epochs", "0.5", "--no-plot", "--device", "cpu", "--precision", "fp32"]
+def _straight_and_resumed(tmp_path, monkeypatch, args):
+    """Runs ``args`` (2 epochs) straight, and again interrupted after epoch 1's checkpoint and log,
+    then resumed with --resume auto from a different process RNG state. Returns the two
+    last.pt checkpoints and the two metrics.json logs."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert cli.main(args + ["--out", str(straight)]) == 0
 
@@ -219,11 +268,16 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
     assert not (resumed / "checkpoint_epoch2.pt").exists()
     torch.manual_seed(1234)  # the process's RNG state must not matter: the checkpoint's is restored
     assert cli.main(args + ["--out", str(resumed), "--resume", "auto"]) == 0
-    assert "resuming from" in capsys.readouterr().err
-
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(resumed / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == 6
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((resumed / "metrics.json").read_text())
+    return a, b, ma, mb
+
+
+def _assert_same_training_state(a, b, steps):
+    """Bit-identical model, optimizer, scheduler, grad scaler and RNG states."""
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == steps
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -234,14 +288,46 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
             assert torch.equal(sa[i][k], sb[i][k]), (i, k)
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert a["scheduler"] == b["scheduler"]
+    assert a["scaler"] == b["scaler"]
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
     assert a["rng"][0]["python"] == b["rng"][0]["python"]
-    ma = json.loads((straight / "metrics.json").read_text())
-    mb = json.loads((resumed / "metrics.json").read_text())
+
+
+def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
+    """CPU, fp32: 2 epochs straight vs 1 epoch, an interruption, and --resume auto: bit-identical model,
+    optimizer, scheduler and RNG states, and the same logged metrics (timings aside). Stochastic
+    depth and the digits translation make the RNG states matter."""
+    args = ["train", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "32", "--drop-path", "0.2",
+            "--warmup-epochs", "0.5", "--no-plot", "--device", "cpu", "--precision", "fp32"]
+    a, b, ma, mb = _straight_and_resumed(tmp_path, monkeypatch, args)
+    assert "resuming from" in capsys.readouterr().err
+    _assert_same_training_state(a, b, steps=6)
+    assert a["scaler"] == {}  # fp32: the grad scaler is disabled
     assert len(ma) == 2 and strip_timing(ma) == strip_timing(mb)
     # And a model that really trained: the straight run's epoch-1 and epoch-2 weights differ.
-    first = torch.load(straight / "checkpoint_epoch1.pt", weights_only=True)
+    first = torch.load(tmp_path / "straight" / "checkpoint_epoch1.pt", weights_only=True)
     assert not torch.equal(first["model"]["fc.weight"], a["model"]["fc.weight"])
+
+
+def test_resume_continues_exactly_under_fp16(tmp_path, capsys, monkeypatch):
+    """CPU, fp16 autocast with the grad scaler (torch.amp.GradScaler("cpu")): as above, and the
+    scaler's state carries over. At its initial scale of 2**16 this model's first fp16 backward
+    passes overflow, so the scaler skips steps and halves its scale, then counts good steps
+    (measured: epoch 1 ends at scale 2**14, growth tracker 2, 2 of 4 steps taken). A resume
+    that did not restore the scaler would start again at 2**16, skip other steps and diverge."""
+    args = ["train", "--config", TINY_CONFIG, "--epochs", "2", "--steps-per-epoch", "4", "--batch-size", "16",
+            "--drop-path", "0.2", "--warmup-epochs", "0.5", "--no-plot", "--device", "cpu", "--precision", "fp16"]
+    a, b, ma, mb = _straight_and_resumed(tmp_path, monkeypatch, args)
+    assert "resuming from" in capsys.readouterr().err
+    # The state at the interruption is one a fresh scaler does not have: backed off, counting.
+    first = torch.load(tmp_path / "resumed" / "checkpoint_epoch1.pt", weights_only=True)
+    assert first["scaler"]["scale"] < 2.0 ** 16 and first["scaler"]["_growth_tracker"] > 0, first["scaler"]
+    assert 0 < int(first["optimizer"]["state"][0]["step"]) < 4  # some of epoch 1's steps were skipped
+    _assert_same_training_state(a, b, steps=8)
+    assert a["scaler"]["scale"] == b["scaler"]["scale"] and a["scaler"]["_growth_tracker"] == b["scaler"]["_growth_tracker"]
+    assert int(a["optimizer"]["state"][0]["step"]) > int(first["optimizer"]["state"][0]["step"])  # epoch 2 stepped
+    assert len(ma) == 2 and strip_timing(ma) == strip_timing(mb)
+    assert all(math.isfinite(m[k]) for m in ma for k in ("train_loss", "val_loss"))
 
 
 def test_resume_rejects_another_model(tmp_path, capsys):
@@ -427,3 +513,284 @@ def test_data_with_a_wrong_path_names_it(tmp_path, capsys):
     assert str(flat) in err and "train/" in err
     with pytest.raises(ValueError, match="no_such_dir"):
         data.image_folder(missing, "train", 32)
+
+
+# --- 8. --precision, --channels-last, --compile ----------------------------------------------
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_precision_autocasts_the_forward_and_fp16_scales_the_loss(tmp_path, capsys, forwards, precision, dtype):
+    """CPU, 4 steps of the tiny model: every forward (training and validation) ran under autocast
+    in the asked dtype (logits in that dtype) or with autocast off for fp32; losses, logits and the
+    fp32 master weights stay finite; the grad scaler is on for fp16 only, and its state in the
+    checkpoint is what it did: from 2**16, halved once per skipped (overflowing) step."""
+    out = tmp_path / "run"
+    code = cli.main(TINY_RUN + ["--steps-per-epoch", "4", "--precision", precision, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"backend eager, {precision}" in captured.err  # the start line names the precision
+    train_fw = [r for r in forwards if r["training"]]
+    val_fw = [r for r in forwards if not r["training"]]
+    assert len(train_fw) == 4 and len(val_fw) == 2  # 359 validation images in batches of 256
+    for r in forwards:
+        assert r["autocast"] == (dtype is not None), r
+        if dtype is not None:
+            assert r["autocast_dtype"] == dtype, r
+        assert r["input_dtype"] == torch.float32  # autocast casts inside the ops, not the data
+        assert r["logits_dtype"] == (dtype or torch.float32), r
+        assert r["logits_finite"], r
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics[0]["train_loss"]) and math.isfinite(metrics[0]["val_loss"])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    for name, value in ckpt["model"].items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+    taken = int(ckpt["optimizer"]["state"][0]["step"])
+    if dtype is torch.float16:
+        scaler = ckpt["scaler"]
+        assert scaler, "fp16 must use an enabled GradScaler (a disabled one saves {})"
+        skipped = ckpt["global_step"] - taken
+        # The initial scale 2**16 overflows this model's fp16 backward (measured: the first 2 of
+        # 4 steps), so the skip path is exercised; and some steps went through.
+        assert 1 <= skipped < 4, (skipped, scaler)
+        assert scaler["scale"] == 2.0 ** 16 / 2 ** skipped, (skipped, scaler)
+        assert 1 <= scaler["_growth_tracker"] <= taken
+    else:
+        assert ckpt["scaler"] == {}  # disabled: no loss scaling for bf16 or fp32
+        assert taken == 4  # no step is ever skipped
+
+
+def _train_from_argv(argv):
+    return T.train(T.config_from_args(cli.build_parser().parse_args(argv)))
+
+
+@pytest.mark.parametrize("flag", ["--channels-last", "--no-channels-last", None])
+def test_channels_last_puts_weights_and_activations_in_channels_last(tmp_path, capsys, forwards, flag):
+    """--channels-last: every 4-D weight of the trained model and the activations inside it
+    (stage s1's input, in training and validation) are channels_last and not NCHW-contiguous;
+    --no-channels-last and the CPU's default (off): all NCHW."""
+    on = flag == "--channels-last"
+    result = _train_from_argv(TINY_RUN + ["--steps-per-epoch", "2", "--out", str(tmp_path / "run")]
+                              + ([flag] if flag else []))
+    assert ("fp32, channels_last" in capsys.readouterr().err.splitlines()[0]) == on
+    assert len([r for r in forwards if r["training"]]) == 2 and len(forwards) == 4
+    for r in forwards:
+        assert r["s1_input"] == ((True, False) if on else (False, True)), r
+        assert r["logits_finite"]
+    assert math.isfinite(result.metrics[0]["train_loss"])
+    # Exact strides: this model's 4-D weights are 1x1 or depthwise (one input channel), for which
+    # both layouts count as contiguous, yet convolutions follow the strides.
+    weights = [(n, p) for n, p in result.model.named_parameters() if p.ndim == 4]
+    assert len(weights) > 5
+    for name, p in weights:
+        want = torch.empty(p.shape, memory_format=torch.channels_last if on else torch.contiguous_format).stride()
+        assert p.stride() == want, (name, p.stride(), want)
+    assert any(torch.empty(p.shape).stride() != torch.empty(p.shape, memory_format=torch.channels_last).stride()
+               for _, p in weights)  # the check tells the layouts apart
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_trains_through_the_compiled_model(tmp_path, capsys, monkeypatch, fresh_dynamo):
+    """--compile wraps the model in torch.compile and every training step runs the compiled graph.
+    train.py calls torch.compile(model) with its defaults (inductor), which takes over a minute
+    on two CPU cores (measured: 74 s), so torch.compile is wrapped here to compile the same model
+    with a counting eager backend: TorchDynamo still captures the whole forward, which is what
+    --compile depends on the model allowing. The result is the same training as without --compile
+    (same ops, same order), and the returned model and the checkpoint are the plain CoAtNet."""
+    real_compile = torch.compile
+    compiled, graphs, graph_calls = [], [], []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            graph_calls.append(1)
+            return gm.forward(*args)
+
+        return run
+
+    def compile_with_counting_backend(model, *args, **kwargs):
+        assert not args and not kwargs, (args, kwargs)  # train.py's call: torch.compile(model)
+        compiled.append(model)
+        return real_compile(model, backend=counting_backend)
+
+    monkeypatch.setattr(torch, "compile", compile_with_counting_backend)
+    base = TINY_RUN + ["--steps-per-epoch", "3", "--drop-path", "0.1", "--precision", "fp32"]
+    result = _train_from_argv(base + ["--compile", "--out", str(tmp_path / "c")])
+    assert "compiled" in capsys.readouterr().err.splitlines()[0]
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "CoAtNet"
+    assert len(graphs) == 1, f"the forward split into {len(graphs)} graphs (graph breaks)"
+    assert len(graph_calls) == 3  # one compiled forward per training step (validation runs eagerly)
+    assert result.model is compiled[0]  # unwrapped
+    ckpt = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    plain = _train_from_argv(base + ["--out", str(tmp_path / "p")])
+    assert len(compiled) == 1
+    for a, b in zip(strip_timing(result.metrics), strip_timing(plain.metrics)):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    for (name, p), q in zip(result.model.state_dict().items(), plain.model.state_dict().values()):
+        if p.is_floating_point():
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(p, q), name
+
+
+# --- 9. --data through an ImageFolder --------------------------------------------------------
+
+HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+CLASS_COLOURS = {"cat": (255, 0, 0), "dog": (0, 0, 255)}  # the validation images: one solid colour a class
+
+
+def _png_tree(root):
+    """root/{train,val}/{cat,dog}/*.png: 4 training images a class (random pixels, 40x48, not
+    square, so resizing and cropping matter) and 2 validation images a class (solid colours)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls, colour in CLASS_COLOURS.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                if split == "train":
+                    pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+                else:
+                    pixels = np.broadcast_to(np.array(colour, dtype=np.uint8), (48, 40, 3)).copy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def _stub_torchvision(calls):
+    """A minimal torchvision: datasets.ImageFolder and the transforms data.image_folder uses,
+    each constructor call recorded in ``calls`` as (name, args, kwargs). Random crops are a plain
+    resize here; the real torchvision variant of the test covers the real ones."""
+    import numpy as np
+    from PIL import Image
+
+    class Recorded:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+            calls.append((type(self).__name__, args, kwargs))
+
+    class Compose(Recorded):
+        def __call__(self, img):
+            for t in self.args[0]:
+                img = t(img)
+            return img
+
+    class RandomResizedCrop(Recorded):
+        def __call__(self, img):
+            return img.resize((self.args[0], self.args[0]), Image.BILINEAR)
+
+    class RandomHorizontalFlip(Recorded):
+        def __call__(self, img):
+            return img.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(()) < 0.5 else img
+
+    class Resize(Recorded):  # the shorter side to size
+        def __call__(self, img):
+            w, h = img.size
+            r = self.args[0] / min(w, h)
+            return img.resize((round(w * r), round(h * r)), Image.BILINEAR)
+
+    class CenterCrop(Recorded):
+        def __call__(self, img):
+            s, (w, h) = self.args[0], img.size
+            left, top = (w - s) // 2, (h - s) // 2
+            return img.crop((left, top, left + s, top + s))
+
+    class ToTensor(Recorded):
+        def __call__(self, img):
+            return torch.from_numpy(np.array(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+    class Normalize(Recorded):
+        def __call__(self, x):
+            mean, std = (torch.tensor(v, dtype=x.dtype).view(-1, 1, 1) for v in self.args)
+            return (x - mean) / std
+
+    class ImageFolder(Recorded):  # root/<class>/<image>, classes sorted, labels their indices
+        def __init__(self, root, transform=None):
+            super().__init__(root, transform=transform)
+            self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+            if not self.classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {root}.")
+            self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                            for f in sorted(os.listdir(os.path.join(root, c)))]
+            self.transform = transform
+
+        def __len__(self):
+            return len(self.samples)
+
+        def __getitem__(self, index):
+            path, label = self.samples[index]
+            with Image.open(path) as img:
+                return self.transform(img.convert("RGB")), label
+
+    tv = types.ModuleType("torchvision")
+    tv.datasets = types.ModuleType("torchvision.datasets")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    tv.datasets.ImageFolder = ImageFolder
+    for cls in (Compose, RandomResizedCrop, RandomHorizontalFlip, Resize, CenterCrop, ToTensor, Normalize):
+        setattr(tv.transforms, cls.__name__, cls)
+    return tv
+
+
+@pytest.mark.parametrize("torchvision", [
+    "stub",
+    pytest.param("real", marks=pytest.mark.skipif(
+        not HAVE_TORCHVISION, reason="torchvision is not installed (PyPI's has no build beside this torch); "
+                                     "the stub variant tests the same wiring")),
+])
+def test_data_image_folder_trains_a_3_channel_model(tmp_path, capsys, monkeypatch, forwards, torchvision):
+    """--data PATH: 2 classes of PNGs; the model is built for 3 input channels and 2 classes at
+    --image-size, one training step runs on [4, 3, 32, 32] batches, and validation sees the
+    val/ images resized, centre-cropped and normalised with the ImageNet statistics."""
+    root = _png_tree(tmp_path / "images")
+    calls = []
+    if torchvision == "stub":
+        tv = _stub_torchvision(calls)
+        monkeypatch.setitem(sys.modules, "torchvision", tv)
+        monkeypatch.setitem(sys.modules, "torchvision.datasets", tv.datasets)
+        monkeypatch.setitem(sys.modules, "torchvision.transforms", tv.transforms)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--data", str(root), "--image-size", "32", "--config", TINY_CONFIG, "--batch-size", "4",
+                     "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0" if torchvision == "stub" else "2",
+                     "--no-plot", "--device", "cpu", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "8 training / 4 validation images at 32x32; 1 steps of 4" in captured.err, captured.err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    kw = ckpt["model_kwargs"]
+    assert (kw["in_channels"], kw["num_classes"], kw["image_size"]) == (3, 2, 32)
+    assert ckpt["model"]["s0.0.0.weight"].shape[1] == 3 and ckpt["model"]["fc.weight"].shape[0] == 2
+    train_fw = [r for r in forwards if r["training"]]
+    val_fw = [r for r in forwards if not r["training"]]
+    assert [r["input_shape"] for r in train_fw] == [(4, 3, 32, 32)]
+    assert [r["input_shape"] for r in val_fw] == [(4, 3, 32, 32)]
+    assert all(r["logits_shape"][1] == 2 and r["logits_finite"] for r in forwards)
+    assert ckpt["global_step"] == 1 and int(ckpt["optimizer"]["state"][0]["step"]) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics[0]["train_loss"]) and metrics[0]["val_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert FINAL_LINE.match(last_stdout_line(captured.out))
+    # The validation pipeline, image by image: a solid class colour, normalised with ImageNet's statistics.
+    val_set = data.image_folder(root, "val", 32)
+    assert list(val_set.classes) == ["cat", "dog"] and len(val_set) == 4
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    for i in range(len(val_set)):
+        x, label = val_set[i]
+        colour = torch.tensor(CLASS_COLOURS[val_set.classes[label]], dtype=torch.float32).view(3, 1, 1) / 255
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        torch.testing.assert_close(x, ((colour - mean) / std).expand(3, 32, 32), atol=1e-5, rtol=0)
+    if torchvision == "stub":  # what data.py asked torchvision for
+        made = [(name, args) for name, args, _ in calls]
+        assert made.count(("ImageFolder", (str(root / "train"),))) == 1
+        assert made.count(("ImageFolder", (str(root / "val"),))) == 2
+        assert ("RandomResizedCrop", (32,)) in made and ("RandomHorizontalFlip", ()) in made
+        assert ("Resize", (37,)) in made and ("CenterCrop", (32,)) in made  # 32 * 256 / 224, the usual ratio
+        assert ("Normalize", (data.IMAGENET_MEAN, data.IMAGENET_STD)) in made
