@@ -38,7 +38,7 @@ fi
 if stage test; then
   # CI runs the CPU tests; here, the CUDA cases and the tests that pick the GPU themselves.
   if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a pytest_args <<< "$PYTEST_ARGS"
-  else pytest_args=(tests -k "cuda or offsets_past or strided_views or squeeze or projection_residual"); fi
+  else pytest_args=(tests -k "cuda or offsets_past or strided_views or squeeze or projection_residual or image_folder_trains"); fi
   timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 fi
 if stage ops; then

@@ -34,7 +34,7 @@ from coatnet_fast.kernels import rel_bias_attention as attn
 TARGET = GPUTarget("cuda", 90, 32)
 FP32_POINTERS = {"T", "LSE", "DELTA", "DQ_ACC", "DBIAS", "DT", "WT", "SCALE", "SHIFT", "POOL", "MEAN", "M2", "RSTD",
                  "GAMMA", "BETA", "SUM_DU", "SUM_DU_XHAT", "DBETA", "DGAMMA", "DPOOL",
-                 "DW_PARTIAL", "OUT_MEAN", "OUT_VAR"}
+                 "DW_PARTIAL", "OUT_MEAN", "OUT_VAR", "RING"}
 FLOATS = {"scale", "inv_p", "inv_count"}
 SIZES = {"N", "H", "W", "C", "P", "R", "HO", "WO", "P_SPLIT", "G", "S"}  # upper-case scalars; other upper-case names are pointers
 
@@ -133,11 +133,11 @@ def cases():
             tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
             for stride in (1, 2):
                 yield dw._stats, act, dict(tiles, STRIDE=stride), w, layout
-                yield dw._bwd_dx, act, dict(tiles, STRIDE=stride), w, layout
                 for flag in (True, False):  # training / eval variants of each kernel
                     yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), w, layout
                     yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=flag), w, layout
-                    yield dw._bwd_dz, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), w, layout
+                    yield (dw._bwd_dx, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag),
+                           dict(num_warps=dw.bwd_dx_warps(warps)), layout)
             block_p, block_c, warps = bna._blocks(x, 384)
             tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
             yield bna._stats, act, tiles, w, layout

@@ -399,6 +399,91 @@ def test_triton_every_tile_choice(tiles, channels_last, device, monkeypatch):
         check("triton", (2, 21, 9, 7), stride, training, channels_last, torch.float32, device)
 
 
+def _ring_reach(height, width, stride, block_p):
+    """What _bwd_dx's ring must hold, by walking its loop in Python: the most output positions
+    between the oldest dz a chunk of input positions reads (or the chunk before it read) and
+    the newest dz computed by then. Also checks every dz read was computed before the read."""
+    ho, wo = (height - 1) // stride + 1, (width - 1) // stride + 1
+    done, reach, previous_low = 0, 0, None
+    for start in range(0, height * width, block_p):
+        last_row = min(height - 1, (start + block_p - 1) // width)
+        needed = min(ho, (last_row + 1) // stride + 1) * wo
+        while done < needed:
+            done += block_p
+        reads = [(hi + 1 - ky) // stride * wo + (wi + 1 - kx) // stride
+                 for hi, wi in (divmod(p, width) for p in range(start, min(start + block_p, height * width)))
+                 for ky in range(3) for kx in range(3)
+                 if hi + 1 - ky >= 0 and wi + 1 - kx >= 0 and (hi + 1 - ky) % stride == 0
+                 and (wi + 1 - kx) % stride == 0 and (hi + 1 - ky) // stride < ho and (wi + 1 - kx) // stride < wo]
+        if reads:
+            assert max(reads) < done
+            low = min(reads) if previous_low is None else min(min(reads), previous_low)
+            reach, previous_low = max(reach, done - low), min(reads)
+    return reach
+
+
+def test_triton_backward_ring_holds_every_dz_row_it_reads():
+    """ring_rows against a walk of the kernel's loop: no dz is read before it is computed, or
+    after a later one took its row (nor while the previous chunk may still read it)."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    for height, width in [(1, 1), (2, 19), (7, 5), (13, 1), (28, 28), (29, 31), (56, 56), (41, 3)]:
+        for stride in (1, 2):
+            for block_p in (16, 64, 128):
+                rows = kernels.ring_rows(height, width, stride, block_p)
+                assert rows & (rows - 1) == 0
+                assert _ring_reach(height, width, stride, block_p) <= rows, (height, width, stride, block_p)
+
+
+@pytest.mark.parametrize("tiles, shape, stride, training, channels_last", [
+    ((16, 16, 2), (2, 3, 60, 3), 1, True, False),
+    ((16, 16, 2), (1, 18, 70, 3), 2, False, True),
+    ((64, 16, 4), (1, 3, 100, 3), 1, True, True),
+], ids=["16x16-s1-train", "16x16-s2-eval", "64x16-s1-train"])
+def test_triton_backward_ring_wraps(tiles, shape, stride, training, channels_last, device, monkeypatch,
+                                    poison_empty):
+    """Images with more output positions than the ring has rows (one to three times over), the
+    ring NaN-filled first: a row read before it is written, or after it was reused, shows up."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    monkeypatch.setattr(kernels, "FORCED_TILES", tiles)
+    ho, wo = (shape[2] - 1) // stride + 1, (shape[3] - 1) // stride + 1
+    assert kernels.ring_rows(shape[2], shape[3], stride, tiles[0]) < ho * wo  # its rows are reused
+    check("triton", shape, stride, training, channels_last, torch.float32, device)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_backward_allocates_no_activation_sized_intermediate(stride, device, monkeypatch):
+    """The backward's only activation-sized allocation is dx: dz (the gradient at the conv
+    output) stays in the ring: here 256 (stride 1) or 128 rows of 16 channels, for a 24x56
+    image of one channel block."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    monkeypatch.setattr(kernels, "FORCED_TILES", (16, 16, 2))
+    x = torch.randn(1, 16, 24, 56, device=device)
+    if _refused("triton", x):
+        return
+    params = [torch.randn(16, 1, 3, 3, device=device), torch.rand(16, device=device) + 0.5,
+              torch.randn(16, device=device)]
+    running = [torch.zeros(16, device=device), torch.ones(16, device=device)]
+    x.requires_grad_(True)
+    out = dwconv_bn_gelu(x, *params, *running, training=True, stride=stride, backend="triton")
+    allocated = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        allocated.append(t.numel())
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    dx, = torch.autograd.grad(out, x, torch.randn_like(out))
+    monkeypatch.undo()
+    ring = kernels.ring_rows(24, 56, stride, 16) * 16
+    assert ring < out.numel() / 2
+    assert sorted(allocated)[-2:] == [ring, x.numel()], allocated  # the ring, then dx
+
+
 def test_triton_gpu_tiles_keep_eight_elements_a_thread():
     """What the ptxas measurement behind _blocks found: sixteen tile elements a thread spill.
     (Meta tensors stand in for CUDA ones: only the device type and the layout are read.)"""
