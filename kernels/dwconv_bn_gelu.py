@@ -265,11 +265,14 @@ def ring_rows(height: int, width: int, stride: int, block_p: int) -> int:
     input positions reads are all still there, and that computing the next chunk's dz overwrites
     none of them. Two consecutive chunks span at most ``spanned`` input rows; their taps read
     from output row ceil((first - 1) / stride) up to (last + 1) // stride, and the dz computed
-    for them runs up to block_p - 1 positions past the last whole output row."""
-    wo = (width - 1) // stride + 1
+    for them runs up to block_p - 1 positions past the last whole output row. Never more rows
+    than output positions (rounded up to a power of two): with that many no row is reused."""
+    ho, wo = (height - 1) // stride + 1, (width - 1) // stride + 1
+    if height <= 0 or width <= 0:
+        return 1  # no positions: the kernel's loops do not run
     spanned = -(-(2 * block_p - 1) // width) + 1
     output_rows = (spanned + 1) // stride + 1
-    return triton.next_power_of_2(output_rows * wo + block_p)
+    return min(triton.next_power_of_2(output_rows * wo + block_p), triton.next_power_of_2(ho * wo))
 
 
 # (BLOCK_P, BLOCK_C, num_warps) for every launch when set (benchmarks sweep it; tests try several).
@@ -396,6 +399,9 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     # dz, the gradient at the conv output, lives only in each program's ring of recent rows
     # (fp32, a few output rows of one image's channel block), never as a [B, C, HO, WO] tensor.
     rows = ring_rows(height, width, stride, block_p)
+    if rows * block_c >= 2**31:  # offsets within a program's ring are 32-bit
+        raise ValueError(f"x: images of shape {tuple(x.shape[2:])} need a backward ring of {rows} rows of "
+                         f"{block_c} channels, past the 2**31 elements the Triton kernel addresses")
     ring = torch.empty((grid[0], rows, block_c), dtype=torch.float32, device=x.device)
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
     dx = _out_like(caller_x, x.shape)

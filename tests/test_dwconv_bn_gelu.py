@@ -207,7 +207,8 @@ def _good(**overrides):
         (dict(training=1), TypeError, r"training must be a bool"),
         (dict(x=torch.randn(1, 4, 1, 1)), ValueError, r"more than one value per channel"),
         (dict(backend="fast"), ValueError, r"backend must be one of"),
-    ],
+    ] + [(dict(x=torch.randn(2, 4, *hw), training=False, backend=backend), ValueError, r"x must have H >= 1 and W >= 1")
+         for hw in ((3, 0), (0, 5)) for backend in dispatch.usable_backends(OP)],
 )
 def test_bad_input_names_the_argument(overrides, error, message):
     args = _good(**overrides)
@@ -418,20 +419,23 @@ def _ring_reach(height, width, stride, block_p):
         if reads:
             assert max(reads) < done
             low = min(reads) if previous_low is None else min(min(reads), previous_low)
-            reach, previous_low = max(reach, done - low), min(reads)
+            # dz past the last output position is computed but never stored
+            reach, previous_low = max(reach, min(done, ho * wo) - low), min(reads)
     return reach
 
 
 def test_triton_backward_ring_holds_every_dz_row_it_reads():
     """ring_rows against a walk of the kernel's loop: no dz is read before it is computed, or
-    after a later one took its row (nor while the previous chunk may still read it)."""
+    after a later one took its row (nor while the previous chunk may still read it); and the
+    ring never has twice the rows of the output positions (a small image's dz fits whole)."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
-    for height, width in [(1, 1), (2, 19), (7, 5), (13, 1), (28, 28), (29, 31), (56, 56), (41, 3)]:
+    for height, width in [(1, 1), (2, 19), (7, 5), (13, 1), (28, 28), (29, 31), (56, 56), (41, 3), (1, 300)]:
         for stride in (1, 2):
             for block_p in (16, 64, 128):
                 rows = kernels.ring_rows(height, width, stride, block_p)
-                assert rows & (rows - 1) == 0
+                positions = ((height - 1) // stride + 1) * ((width - 1) // stride + 1)
+                assert rows & (rows - 1) == 0 and rows < 2 * positions  # never far past the dz it holds
                 assert _ring_reach(height, width, stride, block_p) <= rows, (height, width, stride, block_p)
 
 

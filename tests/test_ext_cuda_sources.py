@@ -142,6 +142,12 @@ def test_ops_cuda_cpp_syntax():
         (Path(p) / "ATen" / "cuda" / "CUDAContext.h").is_file() for p in torch_includes)
     includes = [] if has_real_cuda_headers else [str(SHIM)]  # first, so it wins over torch's
     includes += torch_includes + [str(cuda_include_dir(nvcc))]
+    if has_real_cuda_headers:
+        # A CUDA build of torch from PyPI brings the CUDA libraries' headers (cusparse.h, which
+        # CUDAContext.h includes, among them) as pip packages, where a toolkit with nvcc alone
+        # may lack them.
+        site = Path(torch.__file__).resolve().parent.parent / "nvidia"
+        includes += [str(p) for p in sorted(site.glob("*/include")) if p.is_dir()]
     done = subprocess.run(
         [compiler, "-std=c++17", "-fsyntax-only", *[f"-I{p}" for p in includes],
          str(CSRC / "ops_cuda.cpp")],

@@ -22,6 +22,9 @@ OP = "dwconv_bn_gelu"
 def check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride):
     x = _checks.tensor("x", x, dim=4, shape_doc="[B, C, H, W]")
     _checks.floating("x", x)
+    if x.shape[2] < 1 or x.shape[3] < 1:  # (a batch of 0 images is fine in eval)
+        raise ValueError(f"x must have H >= 1 and W >= 1 (a 3x3 conv with padding 1 has no output "
+                         f"otherwise); got shape {tuple(x.shape)}")
     channels = x.shape[1]
     weight = _checks.tensor("weight", weight, dim=4, shape_doc="[C, 1, 3, 3]")
     if tuple(weight.shape) != (channels, 1, 3, 3):
