@@ -30,6 +30,57 @@ def bench_ms(fn, device, warmup=10, rep=50):
     return [times[len(times) // 2], times[0], times[-1]]
 
 
+def graph_ms(fn, device, warmup=10, rep=50):
+    """[median, p20, p80] milliseconds of the device's work in fn(), without the host's: fn is
+    captured once as a CUDA graph and its replays are timed by ``bench_ms`` (L2 flushed before
+    each, so the host launches the replay while the flush runs and the device never waits on
+    it). None on the CPU, which has no graphs. For small windows a call's host time (Python,
+    dispatch, launches) can exceed its kernels' time, and then ``bench_ms`` times the host; a
+    model step keeps the device busy meanwhile, so both numbers matter. fn must already have
+    run (autotuning and compiling happen outside the capture)."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture wants its first allocations made off the default stream
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return bench_ms(graph.replay, device, warmup, rep)
+    finally:
+        del graph
+        torch.cuda.empty_cache()
+
+
+def graph_fields(fn, device, flops=None, moved_bytes=None, bandwidth_gbps=None) -> dict:
+    """The ``graph_*`` fields of a row (``graph_ms``, its p20/p80, and TFLOP/s, GB/s and the
+    fraction of copy bandwidth over it where given): empty on the CPU; ``graph_error`` where
+    the capture fails (a provider that syncs with the host), which leaves the row's other
+    timings standing."""
+    try:
+        times = graph_ms(fn, device)
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        return {"graph_error": f"{type(e).__name__}: {e}"[:300]}
+    if times is None:
+        return {}
+    median, low, high = times
+    fields = {"graph_ms": median, "graph_ms_p20": low, "graph_ms_p80": high}
+    if flops is not None:
+        fields["graph_tflops"] = flops / (median * 1e-3) / 1e12
+    if moved_bytes is not None:
+        fields["graph_gbps"] = moved_bytes / (median * 1e-3) / 1e9
+        if bandwidth_gbps is not None and bandwidth_gbps == bandwidth_gbps:
+            fields["graph_fraction_of_copy_bandwidth"] = fields["graph_gbps"] / bandwidth_gbps
+    return fields
+
+
+CLOCKS = (("ms", ""), ("graph_ms", "graph_"))  # (time field, prefix of the ratios over it)
+
+
 def copy_bandwidth(device) -> float:
     """Measured device-to-device copy, bytes read + written per second."""
     if device.type != "cuda":
@@ -85,25 +136,28 @@ def relative_errors(names, actual, expected) -> dict:
 
 def timed_passes(forward, forward_backward, moved: dict, bandwidth_gbps: float, device, **fields) -> list:
     """One row per pass ("fwd", "fwd+bwd"): ms (median, p20, p80) and GB/s over the bytes in
-    ``moved[pass]``, also as a fraction of the copy bandwidth; ``fields`` go into every row."""
+    ``moved[pass]``, also as a fraction of the copy bandwidth, and the same over the device
+    time alone on a GPU (``graph_fields``); ``fields`` go into every row."""
     rows = []
     for which, step in (("fwd", forward), ("fwd+bwd", forward_backward)):
         median, low, high = bench_ms(step, device)
         gbps = moved[which] / (median * 1e-3) / 1e9
         rows.append(dict(fields, **{"pass": which, "ms": median, "ms_p20": low, "ms_p80": high, "gbps": gbps,
-                                    "fraction_of_copy_bandwidth": gbps / bandwidth_gbps}))
+                                    "fraction_of_copy_bandwidth": gbps / bandwidth_gbps},
+                         **graph_fields(step, device, moved_bytes=moved[which], bandwidth_gbps=bandwidth_gbps)))
     return rows
 
 
 def add_speedups(rows: list, peers=("eager", "compile")) -> None:
-    """speedup_vs_<peer> on every correct timed row, per pass."""
+    """speedup_vs_<peer> (and graph_speedup_vs_<peer>) on every correct timed row, per pass."""
     for which in ("fwd", "fwd+bwd"):
-        timed = [r for r in rows if r.get("pass") == which and r["correct"]]
-        base = {r["provider"]: r["ms"] for r in timed}
-        for r in timed:
-            for peer in peers:
-                if peer in base:
-                    r[f"speedup_vs_{peer}"] = base[peer] / r["ms"]
+        for clock, prefix in CLOCKS:
+            timed = [r for r in rows if r.get("pass") == which and r["correct"] and clock in r]
+            base = {r["provider"]: r[clock] for r in timed}
+            for r in timed:
+                for peer in peers:
+                    if peer in base:
+                        r[f"{prefix}speedup_vs_{peer}"] = base[peer] / r[clock]
 
 
 def report(rows: list, payload: dict, out_path, **fields) -> bool:

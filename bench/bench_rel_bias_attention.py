@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import bench_ms, copy_bandwidth, environment, write_json  # noqa: E402
+from _common import CLOCKS, bench_ms, copy_bandwidth, environment, graph_fields, write_json  # noqa: E402
 
 from coatnet_fast.models.registry import MODEL_CONFIGS  # noqa: E402
 from coatnet_fast.ops import dispatch, rel_bias_attention, relative_position_index  # noqa: E402
@@ -120,10 +120,10 @@ def provider_fns(window, device):
 
 def use_backward_path(provider: str) -> None:
     """``triton@tiled`` sends a small window through the tiled backward kernels instead of the
-    single-tile one, and ``triton@small-8w`` runs the single-tile one at 8 warps (ptxas with
-    Triton 3.6 spills 32 bytes a thread at 4 warps for a 7x7 window at d = 32, none at 8, which
-    in turn leaves one program an SM), for the whole timed step; every other provider gets the
-    default."""
+    single-tile one, and ``triton@small-8w`` runs the single-tile one at 8 warps without
+    prefetch (ptxas, Triton 3.6: 190 registers a thread for a 7x7 window at d = 32, so one
+    program an SM, against 248 and two at the default 4 warps), for the whole timed step;
+    every other provider gets the default."""
     if "triton" not in provider:
         return
     from coatnet_fast.kernels import rel_bias_attention as kernels
@@ -139,7 +139,7 @@ def use_backward_path(provider: str) -> None:
 _DEFAULT_SMALL_N_MAX: dict = {}  # the kernels module's own value, read before the first change
 
 
-def run_case(name, fn, inputs, grad_out, window, ref, device, batch, heads, d, dtype, tol):
+def run_case(name, fn, inputs, grad_out, window, ref, device, batch, heads, d, dtype, tol, bandwidth=None):
     out = fn(*inputs)
     grads = torch.autograd.grad(out, inputs, grad_out)
     errors = {}
@@ -171,6 +171,7 @@ def run_case(name, fn, inputs, grad_out, window, ref, device, batch, heads, d, d
             "provider": name, "mode": mode, "ms": median, "ms_p20": low, "ms_p80": high,
             "tflops": flops / (median * 1e-3) / 1e12, "gbps": min_bytes / (median * 1e-3) / 1e9,
             "correct": ok, "rel_errors": errors,
+            **graph_fields(step, device, flops=flops, moved_bytes=min_bytes, bandwidth_gbps=bandwidth),
         })
     return rows
 
@@ -213,20 +214,23 @@ def main(argv=None) -> int:
                 use_backward_path(name)
                 try:
                     rows += run_case(name, fn, inputs, grad_out, window, ref, device, args.batch, heads,
-                                     args.head_dim, dtype, tol)
+                                     args.head_dim, dtype, tol, payload["copy_bandwidth_gbps"])
                 except Exception as e:  # a peer that cannot run this shape is reported, not fatal
                     traceback.print_exc()
                     rows.append({"provider": name, "error": f"{type(e).__name__}: {e}"[:400]})
             use_backward_path("triton")
             for mode in ("fwd", "fwd+bwd"):
+                for clock, prefix in CLOCKS:  # host-inclusive, then device-only: each picks its best peer
+                    timed = [r for r in rows if r.get("mode") == mode and r["correct"] and clock in r]
+                    peers = [r[clock] for r in timed if r["provider"] in ("sdpa", "flex_table", "flex_dense")]
+                    eager = [r[clock] for r in timed if r["provider"] == "eager"]
+                    for r in timed:
+                        if peers:
+                            r[f"{prefix}speedup_vs_best_peer"] = min(peers) / r[clock]
+                        if eager:
+                            r[f"{prefix}speedup_vs_eager"] = eager[0] / r[clock]
                 timed = [r for r in rows if r.get("mode") == mode and r["correct"]]
-                peers = [r["ms"] for r in timed if r["provider"] in ("sdpa", "flex_table", "flex_dense")]
-                eager = [r["ms"] for r in timed if r["provider"] == "eager"]
                 for r in timed:
-                    if peers:
-                        r["speedup_vs_best_peer"] = min(peers) / r["ms"]
-                    if eager:
-                        r["speedup_vs_eager"] = eager[0] / r["ms"]
                     if payload["copy_bandwidth_gbps"] == payload["copy_bandwidth_gbps"]:
                         r["fraction_of_copy_bandwidth"] = r["gbps"] / payload["copy_bandwidth_gbps"]
             for r in rows:

@@ -35,15 +35,40 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W):
-    """table[offset(i, j), h] for a tile of query rows offs_m and key columns offs_n, in fp32."""
-    yi = offs_m // W
-    xi = offs_m % W
-    yj = offs_n // W
-    xj = offs_n % W
-    row = (yi[:, None] - yj[None, :] + H - 1) * (2 * W - 1) + (xi[:, None] - xj[None, :] + W - 1)
-    valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
-    return tl.load(T + row * st_r + h * st_h, mask=valid, other=0.0).to(tl.float32)
+def _bias_rows(T, st_r, st_h, h, offs_m, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr):
+    """Per query row i, a pointer into the table such that ``_bias_at`` finds (i, j)'s entry at
+    ``- _bias_cols(j)`` from it. The table row of (i, j) is
+        (yi - yj + H - 1) * (2W - 1) + (xi - xj + W - 1) = a(i) - c(j),
+    a(i) = (yi + H - 1) * (2W - 1) + xi + W - 1 and c(j) = yj * (2W - 1) + xj = j + yj * (W - 1),
+    so a tile costs one subtraction an element instead of two divisions and five products
+    (ptxas: the forward's loop was mostly this index arithmetic). Padded rows take row N - 1's
+    entries: in bounds, so the gather needs no mask, and never stored."""
+    i = tl.minimum(offs_m, N - 1)
+    return T + h * st_h + ((i // W + H - 1) * (2 * W - 1) + i % W + W - 1) * st_r
+
+
+@triton.jit
+def _bias_cols(st_r, offs_n, N: tl.constexpr, W: tl.constexpr):
+    """c(j) * st_r per key column (see ``_bias_rows``); padded columns take column N - 1's, so the
+    gather stays in bounds (callers mask those scores)."""
+    j = tl.minimum(offs_n, N - 1)
+    return (j + (j // W) * (W - 1)) * st_r
+
+
+@triton.jit
+def _bias_at(rows_ptr, cols, KEY_MAJOR: tl.constexpr = False):
+    """table[offset(i, j), h] in fp32 for a tile, from ``_bias_rows`` and ``_bias_cols``.
+    KEY_MAJOR gathers it as [keys, queries] and transposes: Triton then gives each thread of the
+    load one key column and many query rows instead of the reverse, so the key index work runs
+    once a thread, not once an element (SASS: the forward's loop 821 -> 465 instructions at
+    64x64, 4 warps). It pays where the keys change inside a loop, the forward over several key
+    tiles; where they are fixed (dk/dv) or one tile is all there is (a 7x7 window's forward:
+    944 -> 3200 instructions; the single-tile backward), the transpose costs more than it saves."""
+    if KEY_MAJOR:
+        out = tl.trans(tl.load(rows_ptr[None, :] - cols[:, None]))
+    else:
+        out = tl.load(rows_ptr[:, None] - cols[None, :])
+    return out.to(tl.float32)
 
 
 @triton.jit
@@ -64,6 +89,23 @@ def _dot(a, b, IEEE: tl.constexpr):
     return out
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2**x in fp32. FAST (CUDA only): ex2.approx.ftz, one MUFU instruction; without ftz, ptxas
+    wraps each ex2 in a denormal range fix (a compare and two predicated multiplies), which in
+    the attention loops is about a tenth of the instructions per score. Results under 2**-126
+    become 0, next to a row maximum of 1. The interpreter has no inline PTX: plain exp2 there."""
+    if FAST:
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                        pack=1)
+    else:
+        out = tl.math.exp2(x)
+    return out
+
+
 @triton.jit
 def _fwd(
     Q, K, V, T, O, LSE,
@@ -72,8 +114,8 @@ def _fwd(
     sv_b, sv_h, sv_n, sv_d,
     so_b, so_h, so_n, so_d,
     st_r, st_h,
-    n_heads, N, H, W, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    n_heads, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # int64: B * heads * N * d may pass 2**31
     pid_m = tl.program_id(1)
@@ -85,6 +127,7 @@ def _fwd(
     rows = offs_m.to(tl.int64)  # row * stride may pass 2**31 (e.g. sequence-first layouts)
 
     q = _load_rows(Q, b, h, rows, row_ok, offs_d, sq_b, sq_h, sq_n, sq_d)
+    bias_rows = _bias_rows(T, st_r, st_h, h, offs_m, N, H, W)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -95,13 +138,14 @@ def _fwd(
         k = _load_rows(K, b, h, cols, col_ok, offs_d, sk_b, sk_h, sk_n, sk_d)
         v = _load_rows(V, b, h, cols, col_ok, offs_d, sv_b, sv_h, sv_n, sv_d)
         s = _dot(q, tl.trans(k), IEEE)
-        s = s * scale + _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
+        s = s * scale + _bias_at(bias_rows, _bias_cols(st_r, offs_n, N, W), KEY_MAJOR=N > BLOCK_N)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A tile of -inf scores (a table entry of -inf masks a pair) must not give inf - inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_use[:, None])
-        alpha = tl.exp(m_i - m_use)
+        # exp(s - m) as 2**(s log2e - m log2e): one FFMA an element before the ex2.
+        p = _exp2(s * LOG2E - (m_use * LOG2E)[:, None], FAST_EXP2)
+        alpha = _exp2((m_i - m_use) * LOG2E, FAST_EXP2)
         l_i = l_i * alpha + tl.sum(p, 1)
         pv = _dot(p.to(v.dtype), v, IEEE)
         acc = acc * alpha[:, None] + pv
@@ -120,8 +164,8 @@ def _bwd_dkdv(
     sv_b, sv_h, sv_n, sv_d,
     sdo_b, sdo_h, sdo_n, sdo_d,
     st_r, st_h,
-    n_heads, N, H, W, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    n_heads, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -133,6 +177,7 @@ def _bwd_dkdv(
     cols = offs_n.to(tl.int64)
     k = _load_rows(K, b, h, cols, col_ok, offs_d, sk_b, sk_h, sk_n, sk_d)
     v = _load_rows(V, b, h, cols, col_ok, offs_d, sv_b, sv_h, sv_n, sv_d)
+    bias_cols = _bias_cols(st_r, offs_n, N, W)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
@@ -144,8 +189,8 @@ def _bwd_dkdv(
         lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
         s = _dot(q, tl.trans(k), IEEE)
-        s = s * scale + _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
-        p = tl.exp(s - lse[:, None])
+        s = s * scale + _bias_at(_bias_rows(T, st_r, st_h, h, offs_m, N, H, W), bias_cols)
+        p = _exp2(s * LOG2E - (lse * LOG2E)[:, None], FAST_EXP2)
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         dp = _dot(do, tl.trans(v), IEEE)
@@ -164,8 +209,8 @@ def _bwd_dq_dbias(
     sv_b, sv_h, sv_n, sv_d,
     sdo_b, sdo_h, sdo_n, sdo_d,
     st_r, st_h,
-    batch, n_heads, n_groups, N, H, W, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    batch, n_heads, n_groups, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     pid_hg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -175,11 +220,12 @@ def _bwd_dq_dbias(
     offs_d = tl.arange(0, D)
     row_ok = offs_m < N
     rows = offs_m.to(tl.int64)
+    bias_rows = _bias_rows(T, st_r, st_h, h, offs_m, N, H, W)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         cols = offs_n.to(tl.int64)
-        bias = _rel_bias(T, st_r, st_h, h, offs_m, offs_n, N, H, W)
+        bias = _bias_at(bias_rows, _bias_cols(st_r, offs_n, N, W))
         dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for b32 in range(g, batch, n_groups):
             b = h * 0 + b32  # int64 (h is), in the interpreter too
@@ -192,7 +238,7 @@ def _bwd_dq_dbias(
             v = _load_rows(V, b, h, cols, col_ok, offs_d, sv_b, sv_h, sv_n, sv_d)
             s = _dot(q, tl.trans(k), IEEE)
             dp = _dot(do, tl.trans(v), IEEE)
-            p = tl.exp(s * scale + bias - lse[:, None])
+            p = _exp2((s * scale + bias) * LOG2E - (lse * LOG2E)[:, None], FAST_EXP2)
             p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
             ds = p * (dp - delta[:, None])
             dbias += ds
@@ -244,8 +290,8 @@ def _bwd_small(
     so_b, so_h, so_n, so_d,
     sdo_b, sdo_h, sdo_n, sdo_d,
     st_r, st_h,
-    batch, n_heads, n_groups, N, H, W, scale,
-    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    batch, n_heads, n_groups, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, scale,
+    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, FAST_EXP2: tl.constexpr,
 ):
     """Whole-window backward (N <= BLOCK): dq, dk, dv of the group's batch items, d(bias) partials."""
     pid_hg = tl.program_id(0)
@@ -258,7 +304,8 @@ def _bwd_small(
     pair_ok = ok[:, None] & ok[None, :]
     # The same for every batch item: gathered once, and d(bias) summed in registers. Padded
     # pairs get -inf, so p = 0 there without a mask in the loop (padded rows load lse = 0).
-    bias = tl.where(pair_ok, _rel_bias(T, st_r, st_h, h, offs, offs, N, H, W), float("-inf"))
+    bias = tl.where(pair_ok, _bias_at(_bias_rows(T, st_r, st_h, h, offs, N, H, W), _bias_cols(st_r, offs, N, W)),
+                    float("-inf")) * LOG2E
     dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
     for b32 in range(g, batch, n_groups):
         b = h * 0 + b32  # int64 (h is), in the interpreter too
@@ -269,7 +316,7 @@ def _bwd_small(
         s = _dot(q, tl.trans(k), IEEE)
         # As in _bwd_dkdv: a -inf table entry gives p = 0 (a row masked whole has lse = -inf and
         # NaN gradients, as its output is NaN).
-        p = tl.exp(s * scale + bias - lse[:, None])
+        p = _exp2(s * (scale * LOG2E) + (bias - (lse * LOG2E)[:, None]), FAST_EXP2)
         do = _load_rows(DO, b, h, rows, ok, offs_d, sdo_b, sdo_h, sdo_n, sdo_d)
         o = _load_rows(O, b, h, rows, ok, offs_d, so_b, so_h, so_n, so_d)
         # delta here rather than in _bwd_delta: do is loaded anyway, and it saves a launch.
@@ -319,16 +366,18 @@ def _config(block_m, block_n, num_warps, num_stages=2):
 
 
 # Short lists, pruned per window size (tiles past the padded window only waste work).
-FWD_CONFIGS = [_config(*c) for c in [(16, 64, 2), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4),
-                                     (64, 128, 8), (128, 64, 8), (128, 128, 8)]]
+# 32-column tiles pad less (N = 196: 224 columns, not 256), which counts where the loop's
+# instructions, not bytes, set the time. None of these spills (ptxas, Triton 3.6, bf16, d = 32);
+# 64x128 at 4 warps and 128x128 at 8 did (80 and 56 bytes) once the bias came in key-major.
+FWD_CONFIGS = [_config(*c) for c in [(16, 64, 2), (32, 32, 4), (32, 64, 4), (32, 128, 4), (64, 32, 4), (64, 64, 4),
+                                     (64, 128, 8), (128, 64, 8)]]
 DKDV_CONFIGS = [_config(*c) for c in [(16, 32, 2), (32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 4),
                                       (64, 128, 8), (128, 64, 8)]]
 # _bwd_dq_dbias keeps the bias tile and its d(bias) sum live across its batch loop, beside the
 # score tiles, so its list keeps to eight tile elements a thread or fewer: none of these spills
 # at d = 32 as a launch specializes them (tests/compile_for_gpu.py --ptxas, triton 3.6, sm_90a,
-# bf16: at most 246 registers).
-DQ_DBIAS_CONFIGS = [_config(*c) for c in [(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 32, 8), (64, 32, 8),
-                                          (32, 64, 8)]]
+# bf16: at most 174 registers; (32, 64, 8) left the list when it came to 24 bytes of spill).
+DQ_DBIAS_CONFIGS = [_config(*c) for c in [(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 32, 8), (64, 32, 8)]]
 
 
 def _prune(configs, named_args, **_kwargs):
@@ -394,6 +443,12 @@ def _launch(kernel, tuned, grid, args, constexprs: dict, n: int, d: int, t: torc
     kernel[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **constexprs, **cfg)
 
 
+def fast_exp2(t: torch.Tensor) -> bool:
+    """Whether the kernels take ``_exp2``'s inline-PTX path: compiled for an NVIDIA GPU (not
+    interpreted, not ROCm)."""
+    return t.device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _strides(t: torch.Tensor):
     return tuple(t.stride())
 
@@ -412,7 +467,7 @@ def rel_bias_attention_fwd(q, k, v, table, height: int, width: int, scale: float
     args = (q, k, v, table, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(table),
             heads, n, height, width, scale)
     _launch(_fwd, _fwd_tuned, lambda bm, bn: (batch * heads, triton.cdiv(n, bm)), args,
-            dict(D=d, IEEE=q.dtype == torch.float32), n, d, q)
+            dict(D=d, IEEE=q.dtype == torch.float32, FAST_EXP2=fast_exp2(q)), n, d, q)
     return o, lse
 
 
@@ -427,21 +482,25 @@ SMALL_N_MAX = 64
 SMALL_PROGRAMS_PER_SM = 4
 
 # The launch options _small_config picks from (tests run each).
-SMALL_CONFIGS = [dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=1)]
+SMALL_CONFIGS = [dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=1),
+                 dict(num_warps=8, num_stages=2)]
 
 
 def _small_config(block: int, d: int, ieee: bool) -> dict:
     """num_warps / num_stages of _bwd_small (FORCED_TILES[_bwd_small] overrides them), from
-    ptxas on sm_90 with a unit d-stride. bf16/fp16 at BLOCK 64: 4 warps without prefetching
-    the next batch item fit d <= 64 in registers (prefetching spills ~90 bytes); d = 128 needs
-    8 warps (~130 bytes of spill; 4 warps ~460). Smaller windows leave room to prefetch. fp32
-    dots run on FMAs with every operand in registers: 8 warps, no prefetch (no spill up to
-    BLOCK 32 or d 32; 4 warps spill kilobytes)."""
+    ptxas (Triton 3.6, sm_90a, a unit d-stride, spill stores a thread). bf16/fp16 at BLOCK 64:
+    d = 32 fits 4 warps with the next batch item prefetched (248 registers, no spill, 40 KB of
+    shared memory; two programs an SM); d = 64 needs 8 warps (none, 72 KB; 4 warps spill 56-164
+    bytes); d = 128 spills at any option: 8 warps without prefetch (208 bytes, 64 KB), since
+    prefetching (60 bytes) takes 144 KB of shared memory, more than GPUs below the A100/H100
+    class give a program. Smaller windows prefetch at 4 warps. fp32 dots run on FMAs with every
+    operand in registers: 8 warps without prefetch, the least spill (216 bytes at d = 32; 4
+    warps spill kilobytes); fp32 training goes through autocast's bf16 on GPUs anyway."""
     if ieee:
         return dict(SMALL_CONFIGS[2])
-    if block <= 32:
+    if block <= 32 or d <= 32:
         return dict(SMALL_CONFIGS[0])
-    return dict(SMALL_CONFIGS[1] if d <= 64 else SMALL_CONFIGS[2])
+    return dict(SMALL_CONFIGS[3] if d <= 64 else SMALL_CONFIGS[2])
 
 
 def _small_groups(batch: int, heads: int, device: torch.device) -> int:
@@ -475,14 +534,14 @@ def _bwd_small_path(do, q, k, v, table, o, lse, dq, dk, dv, height, width, scale
         q, k, v, table, o, do, lse, dq, dk, dv, dbias,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(table),
         batch, heads, groups, n, height, width, scale,
-        BLOCK=block, D=d, IEEE=q.dtype == torch.float32, **cfg,
+        BLOCK=block, D=d, IEEE=q.dtype == torch.float32, FAST_EXP2=fast_exp2(q), **cfg,
     )
     return dbias
 
 
 def _bwd_general_path(do, q, k, v, table, o, lse, dq, dk, dv, height, width, scale):
     batch, heads, n, d = q.shape
-    constexprs = dict(D=d, IEEE=q.dtype == torch.float32)
+    constexprs = dict(D=d, IEEE=q.dtype == torch.float32, FAST_EXP2=fast_exp2(q))
     delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
     block = min(max(16, triton.next_power_of_2(n)), max(16, 4096 // d))  # ~4K elements of o, do per program
     _bwd_delta[(batch * heads, triton.cdiv(n, block))](

@@ -10,7 +10,8 @@ argument equal to 1 into a constant and marks pointers and ints divisible by 16,
 what lets it vectorize along a unit stride. Compiled without it, the same kernels read element by
 element through 64-bit addresses and need two to four times the registers, so counts taken that
 way say little about the GPU. ``--ptxas`` adds ptxas's register and spill counts (sm_90a, with
-the ptxas this Triton uses for Hopper) to each line.
+the ptxas this Triton uses for Hopper) to each line, ``--loops`` the SASS instruction count
+and that of each loop body.
 """
 import argparse
 import inspect
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import triton
@@ -106,6 +108,34 @@ def ptxas_usage(compiled) -> str:
     return f" regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}"
 
 
+# The attention kernels' window is constexpr; FAST_EXP2 as on an NVIDIA GPU (inline PTX).
+WINDOW_14 = dict(N=196, H=14, W=14, FAST_EXP2=True)
+WINDOW_7 = dict(N=49, H=7, W=7, FAST_EXP2=True)
+
+
+def sass_loops(compiled) -> str:
+    """Instructions in each loop body of the SASS (nvdisasm, shipped beside this Triton's ptxas):
+    a loop is the code from a label back to the branch that jumps to it. Where arithmetic, not
+    bytes, sets a kernel's time, these counts per tile are what a change should move."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    nvdisasm = Path(get_ptxas(TARGET.arch).path).with_name("nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        listing = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout
+    labels, instructions, bodies = {}, 0, []
+    for line in listing.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = instructions
+        if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", line):
+            instructions += 1
+            target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+            if target and labels.get(target.group(1), instructions) < instructions - 1:
+                bodies.append(instructions - labels[target.group(1)])
+    return f" sass={instructions} loops={bodies}"
+
+
 def cases():
     yield common._merge_stats, "fp32", dict(BLOCK_G=64, BLOCK_C=32), dict(num_warps=4), None  # fp32 partials only
     for act in ("bf16", "fp16", "fp32"):
@@ -114,15 +144,20 @@ def cases():
                                 (attn._bwd_dq_dbias, attn.DQ_DBIAS_CONFIGS)):
             if act != "bf16":
                 configs = [attn._config(32, 64, 4)]
-            for c in configs:
-                yield kernel, act, dict(c.kwargs, D=32, IEEE=ieee), dict(num_warps=c.num_warps, num_stages=c.num_stages), "rows"
+            for c in configs:  # the window is a compile-time constant: CoAtNet-0's 14x14 at 224
+                yield (kernel, act, dict(c.kwargs, D=32, IEEE=ieee, **WINDOW_14), dict(num_warps=c.num_warps,
+                       num_stages=c.num_stages), "rows")
+            if act == "bf16":  # a 7x7 window: one key tile, no loop (the bias is gathered query-major)
+                yield kernel, act, dict(BLOCK_M=64, BLOCK_N=64, D=32, IEEE=ieee, **WINDOW_7), dict(num_warps=4), "rows"
             # The largest head dim at the tiles used when not autotuning (shared memory grows with d).
             fixed = attn._fixed(kernel, 196, 128, torch.device("cuda"))
             tiles = {key: fixed.pop(key) for key in ("BLOCK_M", "BLOCK_N")}
-            yield kernel, act, dict(tiles, D=128, IEEE=ieee), fixed, "rows"
+            yield kernel, act, dict(tiles, D=128, IEEE=ieee, **WINDOW_14), fixed, "rows"
         # The single-tile backward at the smallest and largest padded windows (7x7 pads to 64).
         for block, d in [(b, d) for b in (16, 64) for d in (32, 64, 128)] if act == "bf16" else [(64, 32)]:
-            yield attn._bwd_small, act, dict(BLOCK=block, D=d, IEEE=ieee), attn._small_config(block, d, ieee), "rows"
+            window = WINDOW_7 if block == 64 else dict(N=15, H=5, W=3, FAST_EXP2=True)
+            yield (attn._bwd_small, act, dict(BLOCK=block, D=d, IEEE=ieee, **window), attn._small_config(block, d, ieee),
+                   "rows")
         yield attn._bwd_delta, act, dict(BLOCK_M=128, D=32), dict(num_warps=4), "rows"
         yield attn._bias_to_table, act, dict(BLOCK_R=32, BLOCK_I=64), dict(num_warps=4), "rows"
         # The tiles a GPU launch picks for channels_last and NCHW (meta tensors: only the device
@@ -152,6 +187,7 @@ def cases():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ptxas", action="store_true", help="add ptxas's register and spill counts")
+    parser.add_argument("--loops", action="store_true", help="add SASS instruction counts: all, and per loop body")
     parser.add_argument("--kernels", nargs="*", help="only these kernels (e.g. _apply _bwd)")
     parser.add_argument("--layouts", nargs="*", help="only these layouts (rows, channels_last, nchw)")
     args = parser.parse_args()
@@ -163,7 +199,8 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             compiled = triton.compile(source(kernel, act, constexprs, layout), target=TARGET, options=options)
-            detail = f"shared={compiled.metadata.shared}" + (ptxas_usage(compiled) if args.ptxas else "")
+            detail = (f"shared={compiled.metadata.shared}" + (ptxas_usage(compiled) if args.ptxas else "")
+                      + (sass_loops(compiled) if args.loops else ""))
         except Exception as e:  # report every failure, not just the first
             failed += 1
             detail = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}"

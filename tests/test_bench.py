@@ -238,6 +238,9 @@ def test_bench_batch_norm_act_smoke(tmp_path):
         (part, mode, which) for part in ("expand", "projection") for mode in ("train", "eval")
         for which in ("fwd", "fwd+bwd")}
     assert all(r["correct"] and r["gbps"] > 0 for r in rows)
+    # Device-only times and their ratios beside the host-inclusive ones on a GPU (none on the CPU).
+    on_gpu = torch.cuda.is_available()
+    assert all(("graph_ms" in r and "graph_speedup_vs_eager" in r) == on_gpu for r in rows)
     triton = {"triton", "triton@16x16x2"} if dispatch.triton_available() is None else set()
     assert {r["provider"] for r in rows} >= {"eager"} | triton and kernels.FORCED_TILES is None
 
@@ -294,6 +297,15 @@ def test_bench_rel_bias_attention_smoke(tmp_path):
         assert ("fraction_of_copy_bandwidth" in r) == on_gpu, where
         if on_gpu:
             assert r["fraction_of_copy_bandwidth"] == pytest.approx(r["gbps"] / bandwidth), where
+        # Device time alone (CUDA graph replays) beside it on a GPU, with the same derived fields.
+        graph_keys = ("graph_ms", "graph_ms_p20", "graph_ms_p80", "graph_tflops", "graph_gbps",
+                      "graph_fraction_of_copy_bandwidth", "graph_speedup_vs_eager", "graph_speedup_vs_best_peer")
+        assert all((key in r) == on_gpu for key in graph_keys) and "graph_error" not in r, (where, r)
+        if on_gpu:
+            assert r["graph_tflops"] == pytest.approx(flops / (r["graph_ms"] * 1e-3) / 1e12, rel=1e-9), where
+            graph_peers = {p["provider"]: p["graph_ms"] for p in rows
+                           if (p["window"], p["mode"]) == (r["window"], r["mode"])}
+            assert r["graph_speedup_vs_best_peer"] == pytest.approx(graph_peers["sdpa"] / r["graph_ms"]), where
 
 
 def test_profile_ops_smoke(tmp_path):
@@ -343,6 +355,47 @@ def test_bench_dispatch_overhead_smoke(tmp_path):
         assert all(r[f"{path}_{mode}_us"] > 0 for path in ("custom_op", "autograd_function") for mode in ("fwd", "fwd_bwd"))
     # The stubs and the fast-path switch are put back.
     assert attn_kernels.rel_bias_attention_fwd is launcher and dispatch.eager_fast_path.__module__ == dispatch.__name__
+
+
+def test_graph_timing_replays_the_captured_work():
+    """graph_ms times the device's work alone: fn is captured once and the replays run it (a
+    counter moves by one per call and per replay, not per capture). CUDA graphs exist only on
+    GPUs: on the CPU the fields are absent and nothing runs."""
+    from _common import graph_fields, graph_ms
+
+    calls = []
+    counter = torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    def fn():
+        calls.append(1)
+        counter.add_(1)
+
+    if not torch.cuda.is_available():
+        assert graph_ms(fn, counter.device) is None and graph_fields(fn, counter.device) == {}
+        assert not calls and counter.item() == 0
+        return
+    median, low, high = graph_ms(fn, counter.device, warmup=1, rep=5)
+    assert 0 < low <= median <= high
+    torch.cuda.synchronize()
+    # 2 warm-up calls and the capture on the host; the replays add to the counter without calls.
+    assert len(calls) == 3 and counter.item() > 3
+    fields = graph_fields(fn, counter.device, flops=1e9, moved_bytes=1e9, bandwidth_gbps=1000.0)
+    assert fields["graph_tflops"] == pytest.approx(1e9 / (fields["graph_ms"] * 1e-3) / 1e12)
+    assert fields["graph_fraction_of_copy_bandwidth"] == pytest.approx(fields["graph_gbps"] / 1000.0)
+
+
+def test_a_failed_capture_is_reported_in_the_row(monkeypatch):
+    """A provider that cannot be captured (one that syncs with the host) keeps its host-inclusive
+    timings and gets graph_error instead of graph_ms. The capture failure itself is simulated:
+    a real one can leave a CUDA context unusable for the rest of the process."""
+    import _common
+
+    def capture_fails(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_common, "graph_ms", capture_fails)
+    fields = _common.graph_fields(lambda: None, torch.device("cpu"), flops=1.0)
+    assert fields == {"graph_error": "RuntimeError: operation not permitted when stream is capturing"}
 
 
 def test_bench_rel_bias_attention_times_both_backward_paths(tmp_path):

@@ -73,6 +73,33 @@ def test_matches_reference_fp32_windows(backend, window, device):
 
 
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
+def test_windows_of_one_size_and_other_shapes_in_one_process(backend, device, monkeypatch):
+    """The Triton kernels compile the window in (N, H, W are compile-time constants, and the
+    autotuner keys on N): 7x5, 5x7 and 35x1 share N = 35, and each must still get its own bias
+    offsets, forward and backward, when run one after another (on a GPU, through the tiled
+    backward too)."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    for small_n_max in (kernels.SMALL_N_MAX, 0):
+        monkeypatch.setattr(kernels, "SMALL_N_MAX", small_n_max)
+        for window in [(7, 5), (5, 7), (35, 1), (7, 5)]:
+            check_against_reference(backend, window, 16, torch.float32, device, strided=True)
+
+
+def test_fast_exp2_only_where_compiled_for_nvidia():
+    """The kernels' ex2.approx.ftz path is inline PTX: taken for CUDA tensors outside the
+    interpreter (and not on ROCm), never for CPU tensors, which the interpreter runs."""
+    import os
+
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    assert kernels.fast_exp2(torch.empty(1)) is False
+    if torch.cuda.is_available():
+        expected = torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+        assert kernels.fast_exp2(torch.empty(1, device="cuda")) is expected
+
+
+@pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
