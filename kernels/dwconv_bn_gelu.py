@@ -51,18 +51,35 @@ def _x_tap(X, b, ho, wo, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
 
 
 @triton.jit
-def _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok,
-               sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, H, W, WO,
+def _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, ky: tl.constexpr, kx: tl.constexpr):
+    return tl.load(WT + offs_c * sw_c + ky * sw_h + kx * sw_w, mask=c_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w):
+    """The nine taps' weights of channels offs_c in fp32, a tuple indexed ky * 3 + kx. Loaded
+    once a program, before the position loop: Triton does not move loads out of loops, and
+    inside one they were nine loads and their bf16 unpacking every chunk (SASS, below)."""
+    return (_tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 0, 0), _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 0, 1),
+            _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 0, 2), _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 1, 0),
+            _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 1, 1), _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 1, 2),
+            _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 2, 0), _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 2, 1),
+            _tap_weight(WT, offs_c, c_ok, sw_c, sw_h, sw_w, 2, 2))
+
+
+@triton.jit
+def _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok,
+               sx_b, sx_c, sx_h, sx_w, H, W, WO,
                STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The conv output at output positions offs_p (flattened ho * WO + wo), channels offs_c, fp32."""
+    """The conv output at output positions offs_p (flattened ho * WO + wo), channels offs_c, fp32;
+    wts from ``_tap_weights``."""
     ho = offs_p // WO
     wo = offs_p % WO
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for ky in tl.static_range(3):
         for kx in tl.static_range(3):
             xv = _x_tap(X, b, ho, wo, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, ky, kx, STRIDE)
-            wv = tl.load(WT + offs_c * sw_c + ky * sw_h + kx * sw_w, mask=c_ok, other=0.0)
-            acc += xv * wv.to(tl.float32)[None, :]
+            acc += xv * wts[ky * 3 + kx][None, :]
     return acc
 
 
@@ -73,13 +90,14 @@ def _stats(X, WT, MEAN, M2,
            STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
+    wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     count = tl.zeros([BLOCK_P], tl.float32)
     mean = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for start in range(0, P, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
-        z = _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
+        z = _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w,
                        H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
         count, mean, m2 = welford_update(count, mean, m2, z, p_ok)
     mean, m2 = welford_total(count, mean, m2)
@@ -98,11 +116,12 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
     shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
     if HAS_SCALE:
         scale = tl.load(SCALE + offs_c, mask=c_ok, other=0.0)
+    wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     pool = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
     for start in range(0, P, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
-        u = _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
+        u = _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w,
                        H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
         if HAS_SCALE:
             u = u * scale[None, :]
@@ -120,12 +139,12 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
 
 
 @triton.jit
-def _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
-             sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+def _du_tile(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
+             sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
              C, H, W, WO, inv_p, STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr,
              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Recompute xhat and u, then du = d(loss)/du through GELU (fp32 tiles)."""
-    z = _conv_tile(X, WT, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
+    z = _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w,
                    H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
     mean = tl.load(MEAN + offs_c, mask=c_ok, other=0.0)
     rstd = tl.load(RSTD + offs_c, mask=c_ok, other=0.0)
@@ -151,13 +170,14 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
+    wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     sum_du = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
     sum_du_xhat = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for start in range(0, P, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
-        du, xhat, gamma, rstd = _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
-                                         sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+        du, xhat, gamma, rstd = _du_tile(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
+                                         sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
                                          C, H, W, WO, inv_p, STRIDE, HAS_DPOOL, BLOCK_P, BLOCK_C)
         sum_du += du
         sum_du_xhat += du * xhat
@@ -166,8 +186,8 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
 
 
 @triton.jit
-def _dz_chunk(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, ring, b, q0, offs_c, c_ok, mean_dbeta, mean_dgamma,
-              dw, taps, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+def _dz_chunk(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, ring, b, q0, offs_c, c_ok, mean_dbeta, mean_dgamma,
+              dw, taps, sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
               C, H, W, WO, P, inv_p, ring_mask,
               STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -175,8 +195,8 @@ def _dz_chunk(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, ring, b, q0, offs_c, c_
     them added to ``dw`` (row ky * 3 + kx per tap)."""
     offs_q = q0 + tl.arange(0, BLOCK_P)
     q_ok = offs_q < P
-    du, xhat, gamma, rstd = _du_tile(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_q, q_ok, offs_c, c_ok,
-                                     sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+    du, xhat, gamma, rstd = _du_tile(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_q, q_ok, offs_c, c_ok,
+                                     sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
                                      C, H, W, WO, inv_p, STRIDE, HAS_DPOOL, BLOCK_P, BLOCK_C)
     if TRAINING:  # batch statistics depend on every input: BatchNorm's training backward
         du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
@@ -224,6 +244,7 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
     # This program's ring of dz rows: output position q in row q & ring_mask, [ring_mask + 1, BLOCK_C] fp32.
     ring = RING + tl.program_id(0).to(tl.int64) * (ring_mask + 1) * BLOCK_C
     offs_r = tl.arange(0, BLOCK_C)
+    wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     taps = tl.arange(0, 16)  # d(weight)'s rows: 16, a power of two, 9 used
     dw = tl.zeros([16, BLOCK_C], tl.float32)
     dz_done = tl.full([], 0, tl.int32)  # output positions whose dz is in the ring: [0, dz_done)
@@ -237,8 +258,8 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
         last_row = tl.minimum(H - 1, (start + BLOCK_P - 1) // W)
         needed = tl.minimum(HO, (last_row + 1) // STRIDE + 1) * WO
         while dz_done < needed:
-            dw = _dz_chunk(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, ring, b, dz_done, offs_c, c_ok,
-                           mean_dbeta, mean_dgamma, dw, taps, sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
+            dw = _dz_chunk(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, ring, b, dz_done, offs_c, c_ok,
+                           mean_dbeta, mean_dgamma, dw, taps, sx_b, sx_c, sx_h, sx_w,
                            sdy_b, sdy_c, sdy_h, sdy_w, C, H, W, WO, P, inv_p, ring_mask,
                            STRIDE, HAS_DPOOL, TRAINING, BLOCK_P, BLOCK_C)
             dz_done += BLOCK_P
@@ -253,8 +274,7 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
                 ok = h_ok & w_ok
                 dz = tl.load(ring + ((ho * WO + wo) & ring_mask)[:, None] * BLOCK_C + offs_r[None, :],
                              mask=ok[:, None], other=0.0)
-                wv = tl.load(WT + offs_c * sw_c + ky * sw_h + kx * sw_w, mask=c_ok, other=0.0)
-                acc += dz * wv.to(tl.float32)[None, :]
+                acc += dz * wts[ky * 3 + kx][None, :]
         tl.store((DX + b * sdx_b) + (offs_c[None, :] * sdx_c + (hi * sdx_h + wi * sdx_w)[:, None]),
                  acc.to(DX.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
     tl.store(DW_PARTIAL + (b * C + offs_c[None, :]) * 9 + taps[:, None], dw, mask=(taps[:, None] < 9) & c_ok[None, :])
