@@ -377,7 +377,13 @@ DKDV_CONFIGS = [_config(*c) for c in [(16, 32, 2), (32, 32, 4), (32, 64, 4), (64
 # score tiles, so its list keeps to eight tile elements a thread or fewer: none of these spills
 # at d = 32 as a launch specializes them (tests/compile_for_gpu.py --ptxas, triton 3.6, sm_90a,
 # bf16: at most 174 registers; (32, 64, 8) left the list when it came to 24 bytes of spill).
-DQ_DBIAS_CONFIGS = [_config(*c) for c in [(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 32, 8), (64, 32, 8)]]
+# The 16 x 128 and 16 x 256 tiles take every key of a window of up to 128 or 256 positions in
+# one tile (14x14 and 12x12 windows), so dq sums in registers instead of through the fp32
+# DQ_ACC scratch (up to 2 * (key tiles - 1) passes over a [B, heads, N, d] fp32 tensor), and
+# the loop over the batch costs 0.65 warp instructions a score at 16 x 256 x 8 warps against
+# 2.8 at 32 x 32 (SASS, N = 196); none spills at d = 32 or 64 but 16 x 256 x 4 at d = 64.
+DQ_DBIAS_CONFIGS = [_config(*c) for c in [(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 32, 8), (64, 32, 8),
+                                          (16, 128, 4), (16, 128, 8), (16, 256, 4), (16, 256, 8)]]
 
 
 def _prune(configs, named_args, **_kwargs):
@@ -408,6 +414,9 @@ def autotuning(t: torch.Tensor) -> bool:
 
 # (BLOCK_M, BLOCK_N, num_warps) on GPUs without autotuning, where a kernel differs from 32x64 at 4 warps.
 GPU_FIXED_TILES = {_bwd_dq_dbias: (32, 32, 8)}
+# Windows of up to this many positions get one key tile spanning them in _bwd_dq_dbias on GPUs
+# without autotuning (16 query rows, 8 warps; see DQ_DBIAS_CONFIGS), at head dims up to 64.
+DQ_DBIAS_ONE_KEY_TILE_MAX = 256
 
 
 def _fixed(kernel, n: int, d: int, device: torch.device) -> dict:
@@ -417,6 +426,8 @@ def _fixed(kernel, n: int, d: int, device: torch.device) -> dict:
     cap = max(16, triton.next_power_of_2(n))
     if device.type == "cpu":
         return dict(BLOCK_M=min(64, cap), BLOCK_N=min(128 if d <= 64 else 64, cap), num_warps=4)
+    if kernel is _bwd_dq_dbias and cap <= DQ_DBIAS_ONE_KEY_TILE_MAX and d <= 64:  # d = 128 spills there
+        return dict(BLOCK_M=16, BLOCK_N=cap, num_warps=8, num_stages=2)
     block_m, block_n, warps = GPU_FIXED_TILES.get(kernel, (32, 64, 4))
     return dict(BLOCK_M=min(block_m, cap), BLOCK_N=min(block_n, cap), num_warps=warps, num_stages=2)
 

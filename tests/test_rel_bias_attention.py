@@ -319,6 +319,22 @@ def test_every_tile_config_of_the_tuning_lists(backend, window, d, device, monke
         assert ran, f"no config of {kernel} fits this device"
 
 
+def test_fixed_gpu_tiles_take_every_key_of_a_window_of_up_to_256_in_one_tile():
+    """Without autotuning a GPU runs _bwd_dq_dbias with one key tile spanning windows of up to
+    256 positions (dq sums in registers, no fp32 scratch) at head dims up to 64, and 32x32 tiles
+    past either; those fixed tiles are ones the tuning list holds (so the every-config test
+    above covers them)."""
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    cuda = torch.device("cuda")
+    listed = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kernels.DQ_DBIAS_CONFIGS}
+    for n, d, expected in [(196, 32, (16, 256, 8)), (144, 64, (16, 256, 8)), (100, 32, (16, 128, 8)),
+                           (256, 32, (16, 256, 8)), (576, 32, (32, 32, 8)), (196, 128, (32, 32, 8))]:
+        tiles = kernels._fixed(kernels._bwd_dq_dbias, n, d, cuda)
+        assert (tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["num_warps"]) == expected, (n, d, tiles)
+        assert expected in listed
+
+
 class _LaunchLog:
     """Stands in for a Triton kernel (or its autotuned wrapper): records its name per launch."""
 
