@@ -89,21 +89,12 @@ def _dot(a, b, IEEE: tl.constexpr):
     return out
 
 
+# exp(x) is computed as exp2(x * log2 e): tl.math.exp2 compiles to ex2.approx.ftz on NVIDIA GPUs,
+# while tl.exp compiled to the non-ftz ex2, which ptxas wraps in a denormal range fix (a compare
+# and two predicated multiplies an element, about a tenth of the loops' instructions). Results
+# under 2**-126 become 0, next to a row maximum of 1. The log2 e factor goes into an explicit
+# FMA with the row term, so it costs no instruction whether or not Triton fuses floating point.
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _exp2(x, FAST: tl.constexpr):
-    """2**x in fp32. FAST (CUDA only): ex2.approx.ftz, one MUFU instruction; without ftz, ptxas
-    wraps each ex2 in a denormal range fix (a compare and two predicated multiplies), which in
-    the attention loops is about a tenth of the instructions per score. Results under 2**-126
-    become 0, next to a row maximum of 1. The interpreter has no inline PTX: plain exp2 there."""
-    if FAST:
-        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                        pack=1)
-    else:
-        out = tl.math.exp2(x)
-    return out
 
 
 @triton.jit
@@ -115,7 +106,7 @@ def _fwd(
     so_b, so_h, so_n, so_d,
     st_r, st_h,
     n_heads, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, FAST_EXP2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)  # int64: B * heads * N * d may pass 2**31
     pid_m = tl.program_id(1)
@@ -143,9 +134,9 @@ def _fwd(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A tile of -inf scores (a table entry of -inf masks a pair) must not give inf - inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        # exp(s - m) as 2**(s log2e - m log2e): one FFMA an element before the ex2.
-        p = _exp2(s * LOG2E - (m_use * LOG2E)[:, None], FAST_EXP2)
-        alpha = _exp2((m_i - m_use) * LOG2E, FAST_EXP2)
+        # exp(s - m) as 2**(s log2e - m log2e): one FMA an element before the ex2 (see LOG2E).
+        p = tl.math.exp2(tl.fma(s, LOG2E, -(m_use * LOG2E)[:, None]))
+        alpha = tl.math.exp2((m_i - m_use) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         pv = _dot(p.to(v.dtype), v, IEEE)
         acc = acc * alpha[:, None] + pv
@@ -165,7 +156,7 @@ def _bwd_dkdv(
     sdo_b, sdo_h, sdo_n, sdo_d,
     st_r, st_h,
     n_heads, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, FAST_EXP2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -190,7 +181,7 @@ def _bwd_dkdv(
         delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
         s = _dot(q, tl.trans(k), IEEE)
         s = s * scale + _bias_at(_bias_rows(T, st_r, st_h, h, offs_m, N, H, W), bias_cols)
-        p = _exp2(s * LOG2E - (lse * LOG2E)[:, None], FAST_EXP2)
+        p = tl.math.exp2(tl.fma(s, LOG2E, -(lse * LOG2E)[:, None]))
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         dp = _dot(do, tl.trans(v), IEEE)
@@ -210,7 +201,7 @@ def _bwd_dq_dbias(
     sdo_b, sdo_h, sdo_n, sdo_d,
     st_r, st_h,
     batch, n_heads, n_groups, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, FAST_EXP2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_hg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -238,7 +229,7 @@ def _bwd_dq_dbias(
             v = _load_rows(V, b, h, cols, col_ok, offs_d, sv_b, sv_h, sv_n, sv_d)
             s = _dot(q, tl.trans(k), IEEE)
             dp = _dot(do, tl.trans(v), IEEE)
-            p = _exp2((s * scale + bias) * LOG2E - (lse * LOG2E)[:, None], FAST_EXP2)
+            p = tl.math.exp2(tl.fma(s * scale + bias, LOG2E, -(lse * LOG2E)[:, None]))
             p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
             ds = p * (dp - delta[:, None])
             dbias += ds
@@ -291,7 +282,7 @@ def _bwd_small(
     sdo_b, sdo_h, sdo_n, sdo_d,
     st_r, st_h,
     batch, n_heads, n_groups, N: tl.constexpr, H: tl.constexpr, W: tl.constexpr, scale,
-    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, FAST_EXP2: tl.constexpr,
+    BLOCK: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Whole-window backward (N <= BLOCK): dq, dk, dv of the group's batch items, d(bias) partials."""
     pid_hg = tl.program_id(0)
@@ -316,7 +307,7 @@ def _bwd_small(
         s = _dot(q, tl.trans(k), IEEE)
         # As in _bwd_dkdv: a -inf table entry gives p = 0 (a row masked whole has lse = -inf and
         # NaN gradients, as its output is NaN).
-        p = _exp2(s * (scale * LOG2E) + (bias - (lse * LOG2E)[:, None]), FAST_EXP2)
+        p = tl.math.exp2(tl.fma(s, scale * LOG2E, bias - (lse * LOG2E)[:, None]))
         do = _load_rows(DO, b, h, rows, ok, offs_d, sdo_b, sdo_h, sdo_n, sdo_d)
         o = _load_rows(O, b, h, rows, ok, offs_d, so_b, so_h, so_n, so_d)
         # delta here rather than in _bwd_delta: do is loaded anyway, and it saves a launch.
@@ -374,14 +365,14 @@ FWD_CONFIGS = [_config(*c) for c in [(16, 64, 2), (32, 32, 4), (32, 64, 4), (32,
 DKDV_CONFIGS = [_config(*c) for c in [(16, 32, 2), (32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 4),
                                       (64, 128, 8), (128, 64, 8)]]
 # _bwd_dq_dbias keeps the bias tile and its d(bias) sum live across its batch loop, beside the
-# score tiles, so its list keeps to eight tile elements a thread or fewer: none of these spills
-# at d = 32 as a launch specializes them (tests/compile_for_gpu.py --ptxas, triton 3.6, sm_90a,
-# bf16: at most 174 registers; (32, 64, 8) left the list when it came to 24 bytes of spill).
-# The 16 x 128 and 16 x 256 tiles take every key of a window of up to 128 or 256 positions in
-# one tile (14x14 and 12x12 windows), so dq sums in registers instead of through the fp32
-# DQ_ACC scratch (up to 2 * (key tiles - 1) passes over a [B, heads, N, d] fp32 tensor), and
-# the loop over the batch costs 0.65 warp instructions a score at 16 x 256 x 8 warps against
-# 2.8 at 32 x 32 (SASS, N = 196); none spills at d = 32 or 64 but 16 x 256 x 4 at d = 64.
+# score tiles. None of these spills at d = 32 as a launch specializes them (tests/
+# compile_for_gpu.py --ptxas, triton 3.6, sm_90a, bf16: at most 249 registers, 16 x 256 at 4
+# warps; (32, 64, 8) left the list when it came to 24 bytes of spill). The 16 x 128 and
+# 16 x 256 tiles take every key of a window of up to 128 or 256 positions in one tile (14x14
+# and 12x12 windows), so dq sums in registers instead of through the fp32 DQ_ACC scratch (up to
+# 2 * (key tiles - 1) passes over a [B, heads, N, d] fp32 tensor), and the loop over the batch
+# costs 0.65 warp instructions a score at 16 x 256 x 8 warps against 2.8 at 32 x 32 (SASS,
+# N = 196). 16 x 256 x 4 spills at d = 64 (and 16 bytes at d = 32 with Triton 3.9).
 DQ_DBIAS_CONFIGS = [_config(*c) for c in [(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 32, 8), (64, 32, 8),
                                           (16, 128, 4), (16, 128, 8), (16, 256, 4), (16, 256, 8)]]
 
@@ -415,18 +406,27 @@ def autotuning(t: torch.Tensor) -> bool:
 # (BLOCK_M, BLOCK_N, num_warps) on GPUs without autotuning, where a kernel differs from 32x64 at 4 warps.
 GPU_FIXED_TILES = {_bwd_dq_dbias: (32, 32, 8)}
 # Windows of up to this many positions get one key tile spanning them in _bwd_dq_dbias on GPUs
-# without autotuning (16 query rows, 8 warps; see DQ_DBIAS_CONFIGS), at head dims up to 64.
+# without autotuning (16 query rows, 8 warps; see DQ_DBIAS_CONFIGS and _fixed).
 DQ_DBIAS_ONE_KEY_TILE_MAX = 256
 
 
-def _fixed(kernel, n: int, d: int, device: torch.device) -> dict:
+def _fixed(kernel, n: int, d: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Tiles when not autotuning. The CPU interpreter runs programs one by one, so it gets few,
-    large tiles; GPUs get light tiles that keep several programs resident per SM (for the
-    d(bias) kernel, tiles that do not spill; see DQ_DBIAS_CONFIGS)."""
+    large tiles; GPUs get light tiles that keep several programs resident per SM. The d(bias)
+    kernel takes one key tile for windows of up to DQ_DBIAS_ONE_KEY_TILE_MAX positions in 2-byte
+    dtypes at 32 <= d <= 64, where it neither spills nor needs more than 78 KB of shared memory
+    (fp32 at d = 64 needs 152 KB, more than GPUs below the A100/H100 class give a program, and
+    d = 16 or 128 spill); 32x32 tiles otherwise (see DQ_DBIAS_CONFIGS)."""
     cap = max(16, triton.next_power_of_2(n))
     if device.type == "cpu":
         return dict(BLOCK_M=min(64, cap), BLOCK_N=min(128 if d <= 64 else 64, cap), num_warps=4)
-    if kernel is _bwd_dq_dbias and cap <= DQ_DBIAS_ONE_KEY_TILE_MAX and d <= 64:  # d = 128 spills there
+    if dtype == torch.float32 and (d >= 64 and kernel is _fwd or d >= 32 and kernel is _bwd_dkdv):
+        # fp32 dots run on FMAs with their operands in registers: at 32x64 these spilled 48
+        # bytes (dk/dv, d = 32) to kilobytes, and dk/dv at d = 128 needed 112 KB of shared
+        # memory; 32x32 at 8 warps spills nothing but dk/dv at d = 128 (956 bytes, 72 KB).
+        return dict(BLOCK_M=min(32, cap), BLOCK_N=min(32, cap), num_warps=8, num_stages=2)
+    if (kernel is _bwd_dq_dbias and cap <= DQ_DBIAS_ONE_KEY_TILE_MAX and 32 <= d <= 64
+            and dtype in (torch.float16, torch.bfloat16)):
         return dict(BLOCK_M=16, BLOCK_N=cap, num_warps=8, num_stages=2)
     block_m, block_n, warps = GPU_FIXED_TILES.get(kernel, (32, 64, 4))
     return dict(BLOCK_M=min(block_m, cap), BLOCK_N=min(block_n, cap), num_warps=warps, num_stages=2)
@@ -441,7 +441,7 @@ def _pinned(kernel, n: int, d: int, t: torch.Tensor):
     forced = FORCED_TILES.get(kernel)
     if forced is None and autotuning(t):
         return None
-    return _fixed(kernel, n, d, t.device) if forced is None else forced
+    return _fixed(kernel, n, d, t.device, t.dtype) if forced is None else forced
 
 
 def _launch(kernel, tuned, grid, args, constexprs: dict, n: int, d: int, t: torch.Tensor):
@@ -452,12 +452,6 @@ def _launch(kernel, tuned, grid, args, constexprs: dict, n: int, d: int, t: torc
         tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
         return
     kernel[grid(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **constexprs, **cfg)
-
-
-def fast_exp2(t: torch.Tensor) -> bool:
-    """Whether the kernels take ``_exp2``'s inline-PTX path: compiled for an NVIDIA GPU (not
-    interpreted, not ROCm)."""
-    return t.device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _strides(t: torch.Tensor):
@@ -478,7 +472,7 @@ def rel_bias_attention_fwd(q, k, v, table, height: int, width: int, scale: float
     args = (q, k, v, table, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(table),
             heads, n, height, width, scale)
     _launch(_fwd, _fwd_tuned, lambda bm, bn: (batch * heads, triton.cdiv(n, bm)), args,
-            dict(D=d, IEEE=q.dtype == torch.float32, FAST_EXP2=fast_exp2(q)), n, d, q)
+            dict(D=d, IEEE=q.dtype == torch.float32), n, d, q)
     return o, lse
 
 
@@ -505,7 +499,8 @@ def _small_config(block: int, d: int, ieee: bool) -> dict:
     bytes); d = 128 spills at any option: 8 warps without prefetch (208 bytes, 64 KB), since
     prefetching (60 bytes) takes 144 KB of shared memory, more than GPUs below the A100/H100
     class give a program. Smaller windows prefetch at 4 warps. fp32 dots run on FMAs with every
-    operand in registers: 8 warps without prefetch, the least spill (216 bytes at d = 32; 4
+    operand in registers: 8 warps without prefetch, the least spill (216 bytes at d = 32, none
+    before the bias gather took its current form, which saved the bf16 kernel its 32 bytes; 4
     warps spill kilobytes); fp32 training goes through autocast's bf16 on GPUs anyway."""
     if ieee:
         return dict(SMALL_CONFIGS[2])
@@ -545,14 +540,14 @@ def _bwd_small_path(do, q, k, v, table, o, lse, dq, dk, dv, height, width, scale
         q, k, v, table, o, do, lse, dq, dk, dv, dbias,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(table),
         batch, heads, groups, n, height, width, scale,
-        BLOCK=block, D=d, IEEE=q.dtype == torch.float32, FAST_EXP2=fast_exp2(q), **cfg,
+        BLOCK=block, D=d, IEEE=q.dtype == torch.float32, **cfg,
     )
     return dbias
 
 
 def _bwd_general_path(do, q, k, v, table, o, lse, dq, dk, dv, height, width, scale):
     batch, heads, n, d = q.shape
-    constexprs = dict(D=d, IEEE=q.dtype == torch.float32, FAST_EXP2=fast_exp2(q))
+    constexprs = dict(D=d, IEEE=q.dtype == torch.float32)
     delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
     block = min(max(16, triton.next_power_of_2(n)), max(16, 4096 // d))  # ~4K elements of o, do per program
     _bwd_delta[(batch * heads, triton.cdiv(n, block))](

@@ -108,9 +108,14 @@ def ptxas_usage(compiled) -> str:
     return f" regs={regs.group(1) if regs else '?'} spill_stores={spills.group(1) if spills else '?'}"
 
 
-# The attention kernels' window is constexpr; FAST_EXP2 as on an NVIDIA GPU (inline PTX).
-WINDOW_14 = dict(N=196, H=14, W=14, FAST_EXP2=True)
-WINDOW_7 = dict(N=49, H=7, W=7, FAST_EXP2=True)
+# The attention kernels' window is constexpr.
+WINDOW_14 = dict(N=196, H=14, W=14)
+WINDOW_7 = dict(N=49, H=7, W=7)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Shared memory a fixed (not autotuned) tile may take: what sm_86/sm_89/sm_120 give one program
+# (the A100/H100 class gives 163/227 KB; the autotuner skips configs a GPU cannot launch, a
+# fixed tile has no such way out).
+FIXED_SHARED_MAX = 99 * 1024
 
 
 def sass_loops(compiled) -> str:
@@ -128,7 +133,7 @@ def sass_loops(compiled) -> str:
         label = re.match(r"^(\.L_x_\d+):", line)
         if label:
             labels[label.group(1)] = instructions
-        if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", line):
+        if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line):
             instructions += 1
             target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
             if target and labels.get(target.group(1), instructions) < instructions - 1:
@@ -142,21 +147,22 @@ def cases():
         ieee = act == "fp32"
         for kernel, configs in ((attn._fwd, attn.FWD_CONFIGS), (attn._bwd_dkdv, attn.DKDV_CONFIGS),
                                 (attn._bwd_dq_dbias, attn.DQ_DBIAS_CONFIGS)):
-            if act != "bf16":  # the other dtypes at the tiles used when not autotuning
-                fixed = attn._fixed(kernel, 196, 32, torch.device("cuda"))
-                configs = [attn._config(fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["num_warps"])]
+            if act != "bf16":  # the other dtypes at the tiles used when not autotuning (below)
+                configs = []
             for c in configs:  # the window is a compile-time constant: CoAtNet-0's 14x14 at 224
                 yield (kernel, act, dict(c.kwargs, D=32, IEEE=ieee, **WINDOW_14), dict(num_warps=c.num_warps,
                        num_stages=c.num_stages), "rows")
             if act == "bf16":  # a 7x7 window: one key tile, no loop (the bias is gathered query-major)
                 yield kernel, act, dict(BLOCK_M=64, BLOCK_N=64, D=32, IEEE=ieee, **WINDOW_7), dict(num_warps=4), "rows"
-            # The largest head dim at the tiles used when not autotuning (shared memory grows with d).
-            fixed = attn._fixed(kernel, 196, 128, torch.device("cuda"))
-            tiles = {key: fixed.pop(key) for key in ("BLOCK_M", "BLOCK_N")}
-            yield kernel, act, dict(tiles, D=128, IEEE=ieee, **WINDOW_14), fixed, "rows"
+            # Every head dim at the tiles used when not autotuning (shared memory grows with d;
+            # main() fails any fixed tile past what every GPU class gives a program).
+            for d in (16, 32, 64, 128):
+                fixed = attn._fixed(kernel, 196, d, torch.device("cuda"), DTYPES[act])
+                tiles = {key: fixed.pop(key) for key in ("BLOCK_M", "BLOCK_N")}
+                yield kernel, act, dict(tiles, D=d, IEEE=ieee, FIXED=True, **WINDOW_14), fixed, "rows"
         # The single-tile backward at the smallest and largest padded windows (7x7 pads to 64).
         for block, d in [(b, d) for b in (16, 64) for d in (32, 64, 128)] if act == "bf16" else [(64, 32)]:
-            window = WINDOW_7 if block == 64 else dict(N=15, H=5, W=3, FAST_EXP2=True)
+            window = WINDOW_7 if block == 64 else dict(N=15, H=5, W=3)
             yield (attn._bwd_small, act, dict(BLOCK=block, D=d, IEEE=ieee, **window), attn._small_config(block, d, ieee),
                    "rows")
         yield attn._bwd_delta, act, dict(BLOCK_M=128, D=32), dict(num_warps=4), "rows"
@@ -198,8 +204,12 @@ def main() -> int:
         if (args.kernels and name not in args.kernels) or (args.layouts and layout not in args.layouts):
             continue
         t0 = time.perf_counter()
+        fixed = constexprs.pop("FIXED", False)
         try:
             compiled = triton.compile(source(kernel, act, constexprs, layout), target=TARGET, options=options)
+            if fixed and compiled.metadata.shared > FIXED_SHARED_MAX:
+                raise RuntimeError(f"a fixed tile takes {compiled.metadata.shared} B of shared memory, over "
+                                   f"{FIXED_SHARED_MAX}")
             detail = (f"shared={compiled.metadata.shared}" + (ptxas_usage(compiled) if args.ptxas else "")
                       + (sass_loops(compiled) if args.loops else ""))
         except Exception as e:  # report every failure, not just the first
