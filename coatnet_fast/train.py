@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -300,7 +301,12 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
         loss.backward()
         optimizer.step()
     if scheduler is not None:
-        scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule counts steps, not updates: when the fp16 GradScaler skips an update
+            # (inf/NaN gradients, as in the first steps while it finds its scale), the learning
+            # rate still moves on, and PyTorch's warning that the optimizer did not step is moot.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
     correct = (logits.detach().argmax(dim=1) == labels).sum()
     return loss.detach(), correct
 
