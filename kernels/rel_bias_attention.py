@@ -44,7 +44,8 @@ def _bias_rows(T, st_r, st_h, h, offs_m, N: tl.constexpr, H: tl.constexpr, W: tl
     (ptxas: the forward's loop was mostly this index arithmetic). Padded rows take row N - 1's
     entries: in bounds, so the gather needs no mask, and never stored."""
     i = tl.minimum(offs_m, N - 1)
-    return T + h * st_h + ((i // W + H - 1) * (2 * W - 1) + i % W + W - 1) * st_r
+    a = i + (i // W) * (W - 1) + ((H - 1) * (2 * W - 1) + W - 1)  # = a(i), one division as c(j)
+    return (T + h * st_h) + a * st_r
 
 
 @triton.jit
