@@ -61,10 +61,11 @@ def _bias_at(rows_ptr, cols, KEY_MAJOR: tl.constexpr = False):
     """table[offset(i, j), h] in fp32 for a tile, from ``_bias_rows`` and ``_bias_cols``.
     KEY_MAJOR gathers it as [keys, queries] and transposes: Triton then gives each thread of the
     load one key column and many query rows instead of the reverse, so the key index work runs
-    once a thread, not once an element (SASS: the forward's loop 821 -> 465 instructions at
-    64x64, 4 warps). It pays where the keys change inside a loop, the forward over several key
-    tiles; where they are fixed (dk/dv) or one tile is all there is (a 7x7 window's forward:
-    944 -> 3200 instructions; the single-tile backward), the transpose costs more than it saves."""
+    once a thread, not once an element (SASS, this change alone: the forward's loop 821 -> 465
+    instructions at 64x64, 4 warps). It pays where the keys change inside a loop, the forward
+    over several key tiles; where they are fixed (dk/dv) or one tile is all there is (a 7x7
+    window's forward: 944 -> 3200 instructions; the single-tile backward), the transpose costs
+    more than it saves."""
     if KEY_MAJOR:
         out = tl.trans(tl.load(rows_ptr[None, :] - cols[:, None]))
     else:
