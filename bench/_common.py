@@ -148,16 +148,23 @@ def timed_passes(forward, forward_backward, moved: dict, bandwidth_gbps: float, 
     return rows
 
 
+def add_ratios(rows: list, group: str, ratios: dict) -> None:
+    """For each ``ratios`` entry {name: providers}: r[name] = the fastest of those providers' times
+    over r's, among the correct timed rows with r's ``group`` value (pass or mode), on each clock
+    (``graph_<name>`` over graph_ms, where both sides have one)."""
+    for value in {r.get(group) for r in rows}:
+        for clock, prefix in CLOCKS:  # host-inclusive, then device-only: each may pick another peer
+            timed = [r for r in rows if r.get(group) == value and r.get("correct") and clock in r]
+            for name, providers in ratios.items():
+                base = [r[clock] for r in timed if r["provider"] in providers]
+                for r in timed:
+                    if base:
+                        r[prefix + name] = min(base) / r[clock]
+
+
 def add_speedups(rows: list, peers=("eager", "compile")) -> None:
     """speedup_vs_<peer> (and graph_speedup_vs_<peer>) on every correct timed row, per pass."""
-    for which in ("fwd", "fwd+bwd"):
-        for clock, prefix in CLOCKS:
-            timed = [r for r in rows if r.get("pass") == which and r["correct"] and clock in r]
-            base = {r["provider"]: r[clock] for r in timed}
-            for r in timed:
-                for peer in peers:
-                    if peer in base:
-                        r[f"{prefix}speedup_vs_{peer}"] = base[peer] / r[clock]
+    add_ratios(rows, "pass", {f"speedup_vs_{peer}": (peer,) for peer in peers})
 
 
 def report(rows: list, payload: dict, out_path, **fields) -> bool:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import CLOCKS, bench_ms, copy_bandwidth, environment, graph_fields, write_json  # noqa: E402
+from _common import add_ratios, bench_ms, copy_bandwidth, environment, graph_fields, write_json  # noqa: E402
 
 from coatnet_fast.models.registry import MODEL_CONFIGS  # noqa: E402
 from coatnet_fast.ops import dispatch, rel_bias_attention, relative_position_index  # noqa: E402
@@ -219,19 +219,11 @@ def main(argv=None) -> int:
                     traceback.print_exc()
                     rows.append({"provider": name, "error": f"{type(e).__name__}: {e}"[:400]})
             use_backward_path("triton")
-            for mode in ("fwd", "fwd+bwd"):
-                for clock, prefix in CLOCKS:  # host-inclusive, then device-only: each picks its best peer
-                    timed = [r for r in rows if r.get("mode") == mode and r["correct"] and clock in r]
-                    peers = [r[clock] for r in timed if r["provider"] in ("sdpa", "flex_table", "flex_dense")]
-                    eager = [r[clock] for r in timed if r["provider"] == "eager"]
-                    for r in timed:
-                        if peers:
-                            r[f"{prefix}speedup_vs_best_peer"] = min(peers) / r[clock]
-                        if eager:
-                            r[f"{prefix}speedup_vs_eager"] = eager[0] / r[clock]
-                timed = [r for r in rows if r.get("mode") == mode and r["correct"]]
-                for r in timed:
-                    if payload["copy_bandwidth_gbps"] == payload["copy_bandwidth_gbps"]:
+            add_ratios(rows, "mode", {"speedup_vs_best_peer": ("sdpa", "flex_table", "flex_dense"),
+                                      "speedup_vs_eager": ("eager",)})
+            if payload["copy_bandwidth_gbps"] == payload["copy_bandwidth_gbps"]:
+                for r in rows:
+                    if r.get("correct"):
                         r["fraction_of_copy_bandwidth"] = r["gbps"] / payload["copy_bandwidth_gbps"]
             for r in rows:
                 r.update(case)
