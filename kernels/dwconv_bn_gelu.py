@@ -1,11 +1,18 @@
 """Triton kernels for 3x3 depthwise conv (padding 1) + BatchNorm + exact GELU, and their launchers.
 
-Every kernel runs one program per (image, channel block) that walks the image in chunks of
-BLOCK_P positions (output positions; input positions for ``_bwd_dx``), recomputing the conv
-from x: nothing but x is kept between passes, and the backward keeps no activation-sized
+Every kernel runs one program per (image, channel block) that walks the whole image, recomputing
+the conv from x: nothing but x is kept between passes, and the backward keeps no activation-sized
 intermediate either. Per-channel reductions therefore finish inside one program per image, in
 a fixed order: results are deterministic and need no atomics, and partials are per image
 ([B, C]; [B, C, 9] for d(weight)), not per tile.
+
+The three kernels that walk the output positions (``_stats``, ``_apply``, ``_bwd_reduce``)
+stream rows: a program takes the image in strips BLOCK_W output columns wide and runs down each
+strip a row at a time, loading each input row once (its three column taps) and adding it into
+every output row it reaches, with the partial sums of the next rows carried in registers
+(``_conv_row``). An output element then costs three tile loads, not nine (stride 2: six), and
+their bf16 unpacking and addressing with them; the per-element work left is the FMAs, the
+epilogue and GELU. ``_bwd_dx`` walks flattened chunks of BLOCK_P positions instead (below).
 
 - ``_stats`` (training, pass 1): per-image channel mean and M2 of the conv output: Welford's
   update per slot of the tile over the chunks, then Chan's merge across the slots once (exact
@@ -84,22 +91,85 @@ def _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok,
 
 
 @triton.jit
+def _row_taps(X, b, hi, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE: tl.constexpr):
+    """x of input row hi under the three column taps (kx = 0, 1, 2) of output columns wo, fp32;
+    0 in the padding (a row outside the image is all padding)."""
+    rows = hi + tl.zeros_like(wo)  # per column: the interpreter turns a mask and'ed with a scalar into int32
+    ok = w_ok & (rows >= 0) & (rows < H)
+    # The row clamped: a padding row's pointers stay inside the image (masked off all the same).
+    base = (X + b * sx_b) + (tl.minimum(tl.maximum(hi, 0), H - 1) * sx_h + offs_c[None, :] * sx_c)
+    mask_c = c_ok[None, :]
+    wi = wo * STRIDE - 1  # never >= W; column wo * STRIDE is always inside
+    x0 = tl.load(base + (wi * sx_w)[:, None], mask=(ok & (wi >= 0))[:, None] & mask_c, other=0.0)
+    x1 = tl.load(base + ((wi + 1) * sx_w)[:, None], mask=ok[:, None] & mask_c, other=0.0)
+    x2 = tl.load(base + ((wi + 2) * sx_w)[:, None], mask=(ok & (wi + 2 < W))[:, None] & mask_c, other=0.0)
+    return x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32)
+
+
+@triton.jit
+def _row_acc(acc, x0, x1, x2, wts, ky: tl.constexpr):
+    """acc plus one input row's contribution through kernel row ky."""
+    acc += x0 * wts[ky * 3][None, :]
+    acc += x1 * wts[ky * 3 + 1][None, :]
+    acc += x2 * wts[ky * 3 + 2][None, :]
+    return acc
+
+
+@triton.jit
+def _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                     STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The partial sums ``_conv_row`` carries, before output row 0 of a strip: with stride 1,
+    input row 0's part of output rows 0 (through ky = 1) and 1 (ky = 0); with stride 2 nothing
+    (output row 0's ky = 0 row is padding)."""
+    acc_a = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    acc_b = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    if STRIDE == 1:
+        x0, x1, x2 = _row_taps(X, b, 0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        acc_a = _row_acc(acc_a, x0, x1, x2, wts, 1)
+        acc_b = _row_acc(acc_b, x0, x1, x2, wts, 0)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, sx_b, sx_c, sx_h, sx_w, H, W,
+              STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(conv output row ho at columns wo, fp32; the carried sums for row ho + 1). Rows stream:
+    each input row is loaded once a strip (three column taps) and feeds every output row it
+    reaches, so an output element costs three tile loads, not nine (stride 2: six)."""
+    if STRIDE == 1:  # input row ho + 1 completes row ho (ky = 2) and feeds rows ho + 1 and ho + 2
+        x0, x1, x2 = _row_taps(X, b, ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        z = _row_acc(acc_a, x0, x1, x2, wts, 2)
+        acc_a = _row_acc(acc_b, x0, x1, x2, wts, 1)
+        acc_b = _row_acc(tl.zeros([BLOCK_W, BLOCK_C], tl.float32), x0, x1, x2, wts, 0)
+    else:  # input rows 2 ho (ky = 1) and 2 ho + 1 (ky = 2; and ky = 0 of row ho + 1)
+        x0, x1, x2 = _row_taps(X, b, 2 * ho, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        z = _row_acc(acc_a, x0, x1, x2, wts, 1)
+        x0, x1, x2 = _row_taps(X, b, 2 * ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        z = _row_acc(z, x0, x1, x2, wts, 2)
+        acc_a = _row_acc(tl.zeros([BLOCK_W, BLOCK_C], tl.float32), x0, x1, x2, wts, 0)
+    return z, acc_a, acc_b
+
+
+@triton.jit
 def _stats(X, WT, MEAN, M2,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
-           C, H, W, WO, P,
-           STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+           C, H, W, HO, WO,
+           STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
-    count = tl.zeros([BLOCK_P], tl.float32)
-    mean = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-    for start in range(0, P, BLOCK_P):
-        offs_p = start + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < P
-        z = _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w,
-                       H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
-        count, mean, m2 = welford_update(count, mean, m2, z, p_ok)
+    count = tl.zeros([BLOCK_W], tl.float32)
+    mean = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    for w0 in range(0, WO, BLOCK_W):
+        wo = w0 + tl.arange(0, BLOCK_W)
+        w_ok = wo < WO
+        acc_a, acc_b = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                                        STRIDE, BLOCK_W, BLOCK_C)
+        for ho in range(0, HO):
+            z, acc_a, acc_b = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
+                                        sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            count, mean, m2 = welford_update(count, mean, m2, z, w_ok)
     mean, m2 = welford_total(count, mean, m2)
     tl.store(MEAN + b * C + offs_c, mean, mask=c_ok)
     tl.store(M2 + b * C + offs_c, m2, mask=c_ok)
@@ -108,104 +178,113 @@ def _stats(X, WT, MEAN, M2,
 @triton.jit
 def _apply(X, WT, SCALE, SHIFT, Y, POOL,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sy_b, sy_c, sy_h, sy_w,
-           C, H, W, WO, P,
+           C, H, W, HO, WO,
            STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_POOL: tl.constexpr,
-           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
     shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
     if HAS_SCALE:
         scale = tl.load(SCALE + offs_c, mask=c_ok, other=0.0)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
-    pool = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
-    for start in range(0, P, BLOCK_P):
-        offs_p = start + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < P
-        u = _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w,
-                       H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
-        if HAS_SCALE:
-            u = u * scale[None, :]
-        u = u + shift[None, :]
-        y = gelu(u)
-        ok = p_ok[:, None] & c_ok[None, :]
-        ho = offs_p // WO
-        wo = offs_p % WO
-        tl.store((Y + b * sy_b) + (offs_c[None, :] * sy_c + (ho * sy_h + wo * sy_w)[:, None]),
-                 y.to(Y.dtype.element_ty), mask=ok)
-        if HAS_POOL:
-            pool += tl.where(ok, y, 0.0)
+    pool = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
+    for w0 in range(0, WO, BLOCK_W):
+        wo = w0 + tl.arange(0, BLOCK_W)
+        w_ok = wo < WO
+        ok = w_ok[:, None] & c_ok[None, :]
+        y_strip = (Y + b * sy_b) + (offs_c[None, :] * sy_c + (wo * sy_w)[:, None])
+        acc_a, acc_b = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                                        STRIDE, BLOCK_W, BLOCK_C)
+        for ho in range(0, HO):
+            u, acc_a, acc_b = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
+                                        sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            if HAS_SCALE:
+                u = u * scale[None, :]
+            y = gelu(u + shift[None, :])
+            tl.store(y_strip + ho * sy_h, y.to(Y.dtype.element_ty), mask=ok)
+            if HAS_POOL:
+                pool += tl.where(ok, y, 0.0)
     if HAS_POOL:
         tl.store(POOL + b * C + offs_c, tl.sum(pool, 0), mask=c_ok)
 
 
 @triton.jit
-def _du_tile(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
-             sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
-             C, H, W, WO, inv_p, STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr,
-             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Recompute xhat and u, then du = d(loss)/du through GELU (fp32 tiles)."""
-    z = _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w,
-                   H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
+def _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL: tl.constexpr):
+    """The backward's per-channel values, fp32, loaded once a program (Triton does not move loads
+    out of a loop): mean, rstd, gamma, beta, and the SE pool's gradient per position (0 without)."""
     mean = tl.load(MEAN + offs_c, mask=c_ok, other=0.0)
     rstd = tl.load(RSTD + offs_c, mask=c_ok, other=0.0)
     gamma = tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     beta = tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    dpool = tl.zeros_like(mean)
+    if HAS_DPOOL:  # the SE pool's gradient reaches every position of its image equally
+        dpool = tl.load(DPOOL + b * C + offs_c, mask=c_ok, other=0.0) * inv_p
+    return mean, rstd, gamma, beta, dpool
+
+
+@triton.jit
+def _du_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL: tl.constexpr):
+    """From the conv output z at positions (ho, wo): du = d(loss)/du through GELU, and xhat
+    (fp32 tiles; du is 0 outside the image and the channels)."""
+    mean, rstd, gamma, beta, dpool = bn
     xhat = (z - mean[None, :]) * rstd[None, :]
     u = xhat * gamma[None, :] + beta[None, :]
     ok = p_ok[:, None] & c_ok[None, :]
-    ho = offs_p // WO
-    wo = offs_p % WO
     dy = tl.load((DY + b * sdy_b) + (offs_c[None, :] * sdy_c + (ho * sdy_h + wo * sdy_w)[:, None]),
                  mask=ok, other=0.0).to(tl.float32)
-    if HAS_DPOOL:  # the SE pool's gradient reaches every position of its image equally
-        dy += tl.load(DPOOL + b * C + offs_c, mask=c_ok, other=0.0)[None, :] * inv_p
+    if HAS_DPOOL:
+        dy += dpool[None, :]
     du = tl.where(ok, dy * gelu_grad(u), 0.0)
-    return du, xhat, gamma, rstd
+    return du, xhat
 
 
 @triton.jit
 def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
-                C, H, W, WO, P, inv_p,
-                STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                C, H, W, HO, WO, inv_p,
+                STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
-    sum_du = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
-    sum_du_xhat = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-    for start in range(0, P, BLOCK_P):
-        offs_p = start + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < P
-        du, xhat, gamma, rstd = _du_tile(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_p, p_ok, offs_c, c_ok,
-                                         sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
-                                         C, H, W, WO, inv_p, STRIDE, HAS_DPOOL, BLOCK_P, BLOCK_C)
-        sum_du += du
-        sum_du_xhat += du * xhat
+    bn = _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL)
+    sum_du = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
+    sum_du_xhat = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    for w0 in range(0, WO, BLOCK_W):
+        wo = w0 + tl.arange(0, BLOCK_W)
+        w_ok = wo < WO
+        acc_a, acc_b = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                                        STRIDE, BLOCK_W, BLOCK_C)
+        for ho in range(0, HO):
+            z, acc_a, acc_b = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
+                                        sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            du, xhat = _du_at(z, bn, DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
+            sum_du += du
+            sum_du_xhat += du * xhat
     tl.store(SUM_DU + b * C + offs_c, tl.sum(sum_du, 0), mask=c_ok)
     tl.store(SUM_DU_XHAT + b * C + offs_c, tl.sum(sum_du_xhat, 0), mask=c_ok)
 
 
 @triton.jit
-def _dz_chunk(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, ring, b, q0, offs_c, c_ok, mean_dbeta, mean_dgamma,
+def _dz_chunk(X, wts, bn, DY, ring, b, q0, offs_c, c_ok, mean_dbeta, mean_dgamma,
               dw, taps, sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
-              C, H, W, WO, P, inv_p, ring_mask,
+              H, W, WO, P, ring_mask,
               STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dz (fp32) at output positions q0 .. q0 + BLOCK_P into the ring, and d(weight)'s sums over
     them added to ``dw`` (row ky * 3 + kx per tap)."""
     offs_q = q0 + tl.arange(0, BLOCK_P)
     q_ok = offs_q < P
-    du, xhat, gamma, rstd = _du_tile(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, b, offs_q, q_ok, offs_c, c_ok,
-                                     sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
-                                     C, H, W, WO, inv_p, STRIDE, HAS_DPOOL, BLOCK_P, BLOCK_C)
+    ho = offs_q // WO
+    wo = offs_q % WO
+    z = _conv_tile(X, wts, b, offs_q, q_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
+    du, xhat = _du_at(z, bn, DY, b, ho, wo, q_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
+    _, rstd, gamma, _, _ = bn
     if TRAINING:  # batch statistics depend on every input: BatchNorm's training backward
         du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
     ok = q_ok[:, None] & c_ok[None, :]
     dz = tl.where(ok, du * (gamma * rstd)[None, :], 0.0)  # the training correction fills masked rows
     tl.store(ring + (offs_q & ring_mask)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :], dz,
              mask=q_ok[:, None])
-    ho = offs_q // WO
-    wo = offs_q % WO
     # A runtime loop, not an unrolled one: unrolled, the compiler hoists all nine x tiles at once
     # and spills (ptxas, sm_90); the reloads are cache hits, so their serial latency is cheap.
     for t in range(9):
@@ -245,6 +324,7 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
     ring = RING + tl.program_id(0).to(tl.int64) * (ring_mask + 1) * BLOCK_C
     offs_r = tl.arange(0, BLOCK_C)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
+    bn = _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL)
     taps = tl.arange(0, 16)  # d(weight)'s rows: 16, a power of two, 9 used
     dw = tl.zeros([16, BLOCK_C], tl.float32)
     dz_done = tl.full([], 0, tl.int32)  # output positions whose dz is in the ring: [0, dz_done)
@@ -258,9 +338,8 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
         last_row = tl.minimum(H - 1, (start + BLOCK_P - 1) // W)
         needed = tl.minimum(HO, (last_row + 1) // STRIDE + 1) * WO
         while dz_done < needed:
-            dw = _dz_chunk(X, wts, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, ring, b, dz_done, offs_c, c_ok,
-                           mean_dbeta, mean_dgamma, dw, taps, sx_b, sx_c, sx_h, sx_w,
-                           sdy_b, sdy_c, sdy_h, sdy_w, C, H, W, WO, P, inv_p, ring_mask,
+            dw = _dz_chunk(X, wts, bn, DY, ring, b, dz_done, offs_c, c_ok, mean_dbeta, mean_dgamma, dw, taps,
+                           sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w, H, W, WO, P, ring_mask,
                            STRIDE, HAS_DPOOL, TRAINING, BLOCK_P, BLOCK_C)
             dz_done += BLOCK_P
         # The ring rows just stored are read below by other threads of this program.
@@ -300,14 +379,15 @@ FORCED_TILES: Optional[Tuple[int, int, int]] = None
 
 
 def _blocks(x: torch.Tensor, channels: int):
-    """(BLOCK_P, BLOCK_C, num_warps). channels_last reads channels contiguously, so its tiles are
-    wide in C; NCHW reads rows contiguously, so its tiles are long in P. Eight tile elements a
-    thread, since the nine tap loads are all kept in flight: as a launch specializes them
-    (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16) every kernel fits in 196
-    registers (channels_last) or 243 (NCHW) without spills; at sixteen, 32x64 at 4 warps still
-    does not spill (250), while 64x64 at 4 warps spills 400 bytes and 128x16 812. Which is faster
-    is for a GPU to say (``bench_dwconv_bn_gelu.py --tiles``). The CPU interpreter runs programs
-    one by one at a cost per chunk, whatever its size, so it gets the larger tiles."""
+    """(BLOCK_P, BLOCK_C, num_warps) of ``_bwd_dx``'s flattened chunks. channels_last reads
+    channels contiguously, so its tiles are wide in C; NCHW reads rows contiguously, so its tiles
+    are long in P. Eight tile elements a thread, since the nine tap loads are all kept in flight:
+    as a launch specializes them (``tests/compile_for_gpu.py --ptxas``, triton 3.6, sm_90a, bf16)
+    the flattened kernels fit in 196 registers (channels_last) or 243 (NCHW) without spills; at
+    sixteen, 32x64 at 4 warps still does not spill (250), while 64x64 at 4 warps spills 400 bytes
+    and 128x16 812. Which is faster is for a GPU to say (``bench_dwconv_bn_gelu.py --tiles``). The
+    CPU interpreter runs programs one by one at a cost per chunk, whatever its size, so it gets the
+    larger tiles."""
     if FORCED_TILES is not None:
         return FORCED_TILES
     block_c = min(64, max(16, triton.next_power_of_2(channels)))
@@ -315,6 +395,29 @@ def _blocks(x: torch.Tensor, channels: int):
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return 64 if on_cpu else 16, block_c, 4
     return 128 if on_cpu else 64, min(block_c, 16), 4
+
+
+def _row_blocks(x: torch.Tensor, channels: int, width_out: int):
+    """(BLOCK_W, BLOCK_C, num_warps) of the row-streaming kernels (``_stats``, ``_apply``,
+    ``_bwd_reduce``): strips BLOCK_W output columns wide, BLOCK_C channels deep, eight elements
+    a thread as in ``_blocks``. channels_last reads channels contiguously, so the channel block
+    is the wide side, and each side is the power of two that pads the image least (CoAtNet-0's
+    MBConv: 384 or 768 channels at 128 a block; 56 columns at 8 a strip, 28 at 4), since a
+    padded column or channel costs as much as a real one. NCHW reads columns contiguously: a
+    strip up to 64 wide. Forced tiles (``FORCED_TILES``) give their BLOCK_P as BLOCK_W. The CPU
+    interpreter gets the largest tiles, as in ``_blocks``."""
+    if FORCED_TILES is not None:
+        return FORCED_TILES
+    if x.device.type == "cpu":
+        return min(64, triton.next_power_of_2(width_out)), min(64, max(16, triton.next_power_of_2(channels))), 4
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        block_c = min((128, 64, 32, 16), key=lambda bc: (triton.cdiv(channels, bc) * bc, -bc))
+        block_w = min((w for w in (16, 8, 4, 2) if 256 <= w * block_c <= 1024),
+                      key=lambda bw: (triton.cdiv(width_out, bw) * bw, -bw))
+    else:
+        block_w = max(8, min(64, triton.next_power_of_2(width_out)))
+        block_c = min(max(16, triton.next_power_of_2(channels)), 1024 // block_w)
+    return block_w, block_c, max(1, block_w * block_c // 256)
 
 
 def bwd_dx_warps(warps: int) -> int:
@@ -365,14 +468,14 @@ def batch_stats(x, weight, stride: int):
     """Channel mean and biased variance of conv(x, weight) over the batch (fp32, [C] each)."""
     x = _fit_offsets("x", x)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
-    block_p, block_c, warps = _blocks(x, channels)
+    block_w, block_c, warps = _row_blocks(x, channels, wo)
     means = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     m2s = torch.empty_like(means)
     taps, tap_strides = _taps_major(weight)
     _stats[(image_channel_grid(batch, channels, block_c),)](
         x, taps, means, m2s, *x.stride(), *tap_strides,
-        channels, height, width, wo, ho * wo,
-        STRIDE=stride, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+        channels, height, width, ho, wo,
+        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
     return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo)
 
@@ -384,15 +487,15 @@ def apply(x, weight, scale, shift, stride: int, pool: bool):
     # The output's layout follows the caller's x (as the custom op's fake kernel says), not a copy's.
     y = _out_like(x, (batch, channels, ho, wo))
     x = _fit_offsets("x", x)
-    block_p, block_c, warps = _blocks(x, channels)
+    block_w, block_c, warps = _row_blocks(x, channels, wo)
     sums = torch.empty((batch, channels) if pool else (0,), dtype=torch.float32, device=x.device)
     taps, tap_strides = _taps_major(weight)
     _apply[(image_channel_grid(batch, channels, block_c),)](
         x, taps, shift if scale is None else scale, shift, y, sums,
         *x.stride(), *tap_strides, *y.stride(),
-        channels, height, width, wo, ho * wo,
+        channels, height, width, ho, wo,
         STRIDE=stride, HAS_SCALE=scale is not None, HAS_POOL=pool,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
     return y, sums
 
@@ -402,19 +505,20 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     caller_x = x  # dx takes its layout, as the custom op's fake kernel says
     x, dy = _fit_offsets("x", x), _fit_offsets("dy", dy)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
-    block_p, block_c, warps = _blocks(x, channels)
-    grid = (image_channel_grid(batch, channels, block_c),)
     has_dpool = dpool is not None
     dpool = dpool.contiguous() if has_dpool else mean
     taps, tap_strides = _taps_major(weight)
     common = (*x.stride(), *tap_strides, *dy.stride())
     sum_du = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     sum_du_xhat = torch.empty_like(sum_du)
-    _bwd_reduce[grid](
+    block_w, block_c, warps = _row_blocks(x, channels, wo)
+    _bwd_reduce[(image_channel_grid(batch, channels, block_c),)](
         x, taps, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
-        channels, height, width, wo, ho * wo, 1.0,
-        STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+        channels, height, width, ho, wo, 1.0,
+        STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
+    block_p, block_c, warps = _blocks(x, channels)
+    grid = (image_channel_grid(batch, channels, block_c),)
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)
     # dz, the gradient at the conv output, lives only in each program's ring of recent rows
     # (fp32, a few output rows of one image's channel block), never as a [B, C, HO, WO] tensor.

@@ -173,13 +173,20 @@ def cases():
             x = torch.empty(2, 384, 8, 8, device="meta").contiguous(memory_format=memory_format)
             block_p, block_c, warps = dw._blocks(x, 384)
             tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
+            # The row kernels' tiles at S1's 56 output columns (and, channels_last, S2's 28).
+            row_tiles = []
+            for width_out in (56, 28) if layout == "channels_last" else (56,):
+                block_w, block_c, row_warps = dw._row_blocks(x, 384, width_out)
+                row_tiles.append((dict(BLOCK_W=block_w, BLOCK_C=block_c), dict(num_warps=row_warps)))
             for stride in (1, 2):
-                yield dw._stats, act, dict(tiles, STRIDE=stride), w, layout
                 for flag in (True, False):  # training / eval variants of each kernel
-                    yield dw._apply, act, dict(tiles, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), w, layout
-                    yield dw._bwd_reduce, act, dict(tiles, STRIDE=stride, HAS_DPOOL=flag), w, layout
                     yield (dw._bwd_dx, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag),
                            dict(num_warps=dw.bwd_dx_warps(warps)), layout)
+                for row, rw in row_tiles:
+                    yield dw._stats, act, dict(row, STRIDE=stride), rw, layout
+                    for flag in (True, False):
+                        yield dw._apply, act, dict(row, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), rw, layout
+                        yield dw._bwd_reduce, act, dict(row, STRIDE=stride, HAS_DPOOL=flag), rw, layout
             block_p, block_c, warps = bna._blocks(x, 384)
             tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
             yield bna._stats, act, tiles, w, layout

@@ -412,8 +412,8 @@ def test_no_double_backward(backend, device):
        training=st.booleans(), gelu=st.booleans(), residual=st.booleans(), channels_last=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_fuzzed_small_shapes(backend, device, b, c, h, w, training, gelu, residual, channels_last, seed):
-    if training and b * h * w < 2:
-        b = 2
+    if training and b * h * w < 3:  # with two values a channel, dx is exactly zero: noise (test_dwconv_bn_gelu)
+        b = 3
     check(backend, (b, c, h, w), device, training=training, gelu=gelu, residual=residual,
           branch_scale=residual, channels_last=channels_last, seed=seed)
 
