@@ -12,7 +12,10 @@ strip a row at a time, loading each input row once (its three column taps) and a
 every output row it reaches, with the partial sums of the next rows carried in registers
 (``_conv_row``). An output element then costs three tile loads, not nine (stride 2: six), and
 their bf16 unpacking and addressing with them; the per-element work left is the FMAs, the
-epilogue and GELU. ``_bwd_dx`` walks flattened chunks of BLOCK_P positions instead (below).
+epilogue and GELU. The backward's second pass, ``_bwd_dx_rows``, takes whole rows (images of
+up to ROW_BACKWARD_MAX_WIDTH columns): down the rows, the conv output row, its dz, the dx rows
+it completes and d(weight)'s sums, dz passing between threads through a two-row scratch. Wider
+images take ``_bwd_dx``, which walks flattened chunks of BLOCK_P positions (below).
 
 - ``_stats`` (training, pass 1): per-image channel mean and M2 of the conv output: Welford's
   update per slot of the tile over the chunks, then Chan's merge across the slots once (exact
@@ -21,9 +24,13 @@ epilogue and GELU. ``_bwd_dx`` walks flattened chunks of BLOCK_P positions inste
   the BatchNorm is folded into the weights and a shift by the launcher. Optionally the
   per-image channel sums of the output (the SE block's average pool) in the same pass.
 - ``_bwd_reduce``: recompute, then per-image sums of du and du * xhat (d(beta), d(gamma)).
-- ``_bwd_dx``: walks the input positions; before each chunk it computes, a chunk of output
-  positions at a time, dz (the gradient at the conv output: recompute, then BatchNorm's
-  training or eval backward) as far as the chunk's taps reach, and then dx, the transposed
+- ``_bwd_dx_rows``: see above; dx rows complete as the dz rows they take arrive (their partial
+  sums carried, as the forward carries the conv's), d(weight)'s sums per slot from dz and the
+  input taps the conv loaded for this row or carried from the last two.
+- ``_bwd_dx`` (images wider than ROW_BACKWARD_MAX_WIDTH): walks the input positions; before
+  each chunk it computes, a chunk of output positions at a time, dz (the gradient at the conv
+  output: recompute, then BatchNorm's training or eval backward) as far as the chunk's taps
+  reach, and then dx, the transposed
   depthwise conv of dz (with stride 2 only the taps whose parity matches an input position
   reach it). dz goes to a ring of a few output rows per program (fp32, ``ring_rows``), read
   back from cache, so it never makes a round trip through memory as a [B, C, HO, WO] tensor;
@@ -96,7 +103,8 @@ def _row_taps(X, b, hi, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, ST
     0 in the padding (a row outside the image is all padding)."""
     rows = hi + tl.zeros_like(wo)  # per column: the interpreter turns a mask and'ed with a scalar into int32
     ok = w_ok & (rows >= 0) & (rows < H)
-    # The row clamped: a padding row's pointers stay inside the image (masked off all the same).
+    # The row clamped, so that a padding row's pointers stay within the image's rows (its loads
+    # are masked off all the same, as are the column taps -1 and W and channels past C).
     base = (X + b * sx_b) + (tl.minimum(tl.maximum(hi, 0), H - 1) * sx_h + offs_c[None, :] * sx_c)
     mask_c = c_ok[None, :]
     wi = wo * STRIDE - 1  # never >= W; column wo * STRIDE is always inside
@@ -359,6 +367,139 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
     tl.store(DW_PARTIAL + (b * C + offs_c[None, :]) * 9 + taps[:, None], dw, mask=(taps[:, None] < 9) & c_ok[None, :])
 
 
+@triton.jit
+def _dz_row(z, bn, DY, b, ho, wo, wo_ok, offs_c, c_ok, mean_dbeta, mean_dgamma, sdy_b, sdy_c, sdy_h, sdy_w,
+            HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr):
+    """dz, the gradient at the conv output, of output row ho (columns wo) from its conv output z:
+    GELU's and BatchNorm's backward (training: batch statistics depend on every input). fp32, 0
+    outside the image and the channels."""
+    du, xhat = _du_at(z, bn, DY, b, ho, wo, wo_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
+    _, rstd, gamma, _, _ = bn
+    if TRAINING:
+        du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
+    return tl.where(wo_ok[:, None] & c_ok[None, :], du * (gamma * rstd)[None, :], 0.0)
+
+
+@triton.jit
+def _dz_cols(buf, wi, wi_ok, WO, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The dz row in ``buf`` ([BLOCK_WO, BLOCK_C] fp32) as seen by input columns wi through column
+    taps kx = 0, 1, 2: dz at output column (wi + 1 - kx) / STRIDE where that is one (else 0)."""
+    offs_r = tl.arange(0, BLOCK_C)[None, :]
+    src, ok = _source_index(wi, 0, WO, STRIDE)
+    v0 = tl.load(buf + src[:, None] * BLOCK_C + offs_r, mask=(ok & wi_ok)[:, None], other=0.0)
+    src, ok = _source_index(wi, 1, WO, STRIDE)
+    v1 = tl.load(buf + src[:, None] * BLOCK_C + offs_r, mask=(ok & wi_ok)[:, None], other=0.0)
+    src, ok = _source_index(wi, 2, WO, STRIDE)
+    v2 = tl.load(buf + src[:, None] * BLOCK_C + offs_r, mask=(ok & wi_ok)[:, None], other=0.0)
+    return v0, v1, v2
+
+
+@triton.jit
+def _bwd_dx_rows(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PARTIAL, SCRATCH,
+                 sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
+                 sdx_b, sdx_c, sdx_h, sdx_w,
+                 C, H, W, HO, WO, inv_p, inv_count,
+                 STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
+                 BLOCK_WO: tl.constexpr, BLOCK_WI: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx and d(weight)'s per-image partials, a whole image row at a time: down the rows, the
+    conv output row (streamed as in the forward), its dz, which goes through a two-row scratch
+    (fp32, so that each input column can read its neighbours' dz: the only exchange between
+    threads, one barrier a row), the dx rows it completes (their partial sums carried, as the
+    forward carries the conv's), and d(weight)'s per-slot sums from dz and the x under each tap.
+    Rows must fit a tile: BLOCK_WO >= WO, BLOCK_WI >= W."""
+    b, offs_c = image_and_channels(C, BLOCK_C)
+    c_ok = offs_c < C
+    mean_dbeta = tl.zeros([BLOCK_C], tl.float32)
+    mean_dgamma = tl.zeros([BLOCK_C], tl.float32)
+    if TRAINING:
+        mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
+        mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
+    wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
+    bn = _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL)
+    wo = tl.arange(0, BLOCK_WO)
+    wo_ok = wo < WO
+    wi = tl.arange(0, BLOCK_WI)
+    wi_ok = wi < W
+    # This program's two dz rows, [2, BLOCK_WO, BLOCK_C] fp32: row ho in ho & 1.
+    scratch = SCRATCH + tl.program_id(0).to(tl.int64) * (2 * BLOCK_WO * BLOCK_C)
+    offs_s = wo[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    dx_strip = (DX + b * sdx_b) + (offs_c[None, :] * sdx_c + (wi * sdx_w)[:, None])
+    dx_ok = wi_ok[:, None] & c_ok[None, :]
+    wi_row = tl.zeros_like(wi)  # + a row index: a row condition as a vector (the interpreter's masks need one)
+    zero = tl.zeros([BLOCK_WO, BLOCK_C], tl.float32)
+    dw0, dw1, dw2, dw3, dw4, dw5, dw6, dw7, dw8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    # dx rows still taking sums: stride 1, rows ho - 1 and ho; stride 2, row 2 ho - 1 (dx_b unused)
+    dx_a = tl.zeros([BLOCK_WI, BLOCK_C], tl.float32)
+    dx_b = tl.zeros([BLOCK_WI, BLOCK_C], tl.float32)
+    # The conv streams rows as in the forward (``_conv_row``), written out here because d(weight)
+    # also needs the x under every tap of output row ho: the taps of its three input rows, those
+    # loaded this row and carried from the last one or two (u*: kernel row 0, v*: row 1).
+    u0, u1, u2 = zero, zero, zero
+    v0, v1, v2 = zero, zero, zero
+    acc_a, acc_b = zero, zero
+    if STRIDE == 1:
+        v0, v1, v2 = _row_taps(X, b, 0, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        acc_a = _row_acc(acc_a, v0, v1, v2, wts, 1)
+        acc_b = _row_acc(acc_b, v0, v1, v2, wts, 0)
+    for ho in range(0, HO):
+        if STRIDE == 1:  # input row ho + 1 completes output row ho (ky = 2), feeds ho + 1 and ho + 2
+            x0, x1, x2 = _row_taps(X, b, ho + 1, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+            z = _row_acc(acc_a, x0, x1, x2, wts, 2)
+            acc_a = _row_acc(acc_b, x0, x1, x2, wts, 1)
+            acc_b = _row_acc(zero, x0, x1, x2, wts, 0)
+        else:  # input rows 2 ho (ky = 1) and 2 ho + 1 (ky = 2, and ky = 0 of row ho + 1)
+            v0, v1, v2 = _row_taps(X, b, 2 * ho, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+            z = _row_acc(acc_a, v0, v1, v2, wts, 1)
+            x0, x1, x2 = _row_taps(X, b, 2 * ho + 1, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+            z = _row_acc(z, x0, x1, x2, wts, 2)
+            acc_a = _row_acc(zero, x0, x1, x2, wts, 0)
+        dz = _dz_row(z, bn, DY, b, ho, wo, wo_ok, offs_c, c_ok, mean_dbeta, mean_dgamma,
+                     sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL, TRAINING)
+        dw0, dw1, dw2 = dw0 + dz * u0, dw1 + dz * u1, dw2 + dz * u2
+        dw3, dw4, dw5 = dw3 + dz * v0, dw4 + dz * v1, dw5 + dz * v2
+        dw6, dw7, dw8 = dw6 + dz * x0, dw7 + dz * x1, dw8 + dz * x2
+        if STRIDE == 1:
+            u0, u1, u2 = v0, v1, v2
+            v0, v1, v2 = x0, x1, x2
+        else:
+            u0, u1, u2 = x0, x1, x2
+        # Two rows alternate, so one barrier a row suffices: a thread writing row ho + 2's dz
+        # here has passed row ho + 1's barrier, which every thread reaches after reading ho's.
+        buf = scratch + (ho & 1) * (BLOCK_WO * BLOCK_C)
+        tl.store(buf + offs_s, dz)
+        tl.debug_barrier()
+        d0, d1, d2 = _dz_cols(buf, wi, wi_ok, WO, STRIDE, BLOCK_C)
+        if STRIDE == 1:  # dz row ho reaches dx rows ho - 1 (ky = 0), ho (ky = 1), ho + 1 (ky = 2)
+            done = _row_acc(dx_a, d0, d1, d2, wts, 0)
+            tl.store(dx_strip + (ho - 1) * sdx_h, done.to(DX.dtype.element_ty),
+                     mask=dx_ok & (wi_row + ho >= 1)[:, None])
+            dx_a = _row_acc(dx_b, d0, d1, d2, wts, 1)
+            dx_b = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 2)
+        else:  # dz row ho reaches dx rows 2 ho - 1 (ky = 0), 2 ho (ky = 1), 2 ho + 1 (ky = 2)
+            done = _row_acc(dx_a, d0, d1, d2, wts, 0)
+            tl.store(dx_strip + (2 * ho - 1) * sdx_h, done.to(DX.dtype.element_ty),
+                     mask=dx_ok & (wi_row + ho >= 1)[:, None])
+            done = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 1)
+            tl.store(dx_strip + (2 * ho) * sdx_h, done.to(DX.dtype.element_ty), mask=dx_ok)
+            dx_a = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 2)
+    # The last dx row: stride 1, H - 1 (its ky = 0 dz row is padding); stride 2, 2 HO - 1 if inside.
+    if STRIDE == 1:
+        last = HO - 1
+    else:
+        last = 2 * HO - 1
+    tl.store(dx_strip + last * sdx_h, dx_a.to(DX.dtype.element_ty), mask=dx_ok & (wi_row + last < H)[:, None])
+    base = DW_PARTIAL + (b * C + offs_c) * 9
+    tl.store(base + 0, tl.sum(dw0, 0), mask=c_ok)
+    tl.store(base + 1, tl.sum(dw1, 0), mask=c_ok)
+    tl.store(base + 2, tl.sum(dw2, 0), mask=c_ok)
+    tl.store(base + 3, tl.sum(dw3, 0), mask=c_ok)
+    tl.store(base + 4, tl.sum(dw4, 0), mask=c_ok)
+    tl.store(base + 5, tl.sum(dw5, 0), mask=c_ok)
+    tl.store(base + 6, tl.sum(dw6, 0), mask=c_ok)
+    tl.store(base + 7, tl.sum(dw7, 0), mask=c_ok)
+    tl.store(base + 8, tl.sum(dw8, 0), mask=c_ok)
+
+
 def ring_rows(height: int, width: int, stride: int, block_p: int) -> int:
     """Rows of _bwd_dx's per-program dz ring (a power of two): enough that the dz rows a chunk of
     input positions reads are all still there, and that computing the next chunk's dz overwrites
@@ -376,6 +517,8 @@ def ring_rows(height: int, width: int, stride: int, block_p: int) -> int:
 
 # (BLOCK_P, BLOCK_C, num_warps) for every launch when set (benchmarks sweep it; tests try several).
 FORCED_TILES: Optional[Tuple[int, int, int]] = None
+# (BLOCK_C, num_warps) of the row backward when set (tests try several).
+FORCED_ROW_BACKWARD_TILES: Optional[Tuple[int, int]] = None
 
 
 def _blocks(x: torch.Tensor, channels: int):
@@ -418,6 +561,31 @@ def _row_blocks(x: torch.Tensor, channels: int, width_out: int):
         block_w = max(8, min(64, triton.next_power_of_2(width_out)))
         block_c = min(max(16, triton.next_power_of_2(channels)), 1024 // block_w)
     return block_w, block_c, max(1, block_w * block_c // 256)
+
+
+# Widest input row the row backward (``_bwd_dx_rows``) takes: it holds a whole row in a tile.
+# Wider images (none in CoAtNet, whose widest depthwise input has 112 columns) take ``_bwd_dx``,
+# which walks flattened chunks through a ring of dz rows. Tests set it to 0 to run ``_bwd_dx``.
+ROW_BACKWARD_MAX_WIDTH = 256
+
+
+def _bwd_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
+    """(BLOCK_WO, BLOCK_WI, BLOCK_C, num_warps) of ``_bwd_dx_rows``: whole rows (output and
+    input, powers of two), and a channel block that makes the wider of its row tiles (dz's, or
+    with stride 2 dx's) 1,024 elements, four a thread: it carries nine d(weight) sums and six
+    rows of taps beside the conv's sums, so half ``_row_blocks``'s eight (ptxas, triton 3.6,
+    sm_90a, bf16 channels_last at CoAtNet's rows: 217 registers at stride 1, 171 at stride 2;
+    stride 2 with twice the channels, dz at four a thread, needs 255 and spills 32 bytes).
+    ``FORCED_ROW_BACKWARD_TILES`` (BLOCK_C, num_warps) overrides the channel block and warps
+    (``FORCED_TILES`` does not: its channel blocks are sized for strips, not whole rows)."""
+    block_wo, block_wi = triton.next_power_of_2(width_out), triton.next_power_of_2(width)
+    if FORCED_ROW_BACKWARD_TILES is not None:
+        return (block_wo, block_wi) + tuple(FORCED_ROW_BACKWARD_TILES)
+    if x.device.type == "cpu":
+        return block_wo, block_wi, min(64, max(4, triton.next_power_of_2(channels))), 4
+    widest = max(block_wo, block_wi)
+    block_c = min(max(4, triton.next_power_of_2(channels)), max(4, 1024 // widest))
+    return block_wo, block_wi, block_c, max(1, widest * block_c // 128)
 
 
 def bwd_dx_warps(warps: int) -> int:
@@ -517,23 +685,35 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
         channels, height, width, ho, wo, 1.0,
         STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
-    block_p, block_c, warps = _blocks(x, channels)
-    grid = (image_channel_grid(batch, channels, block_c),)
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)
-    # dz, the gradient at the conv output, lives only in each program's ring of recent rows
-    # (fp32, a few output rows of one image's channel block), never as a [B, C, HO, WO] tensor.
-    rows = ring_rows(height, width, stride, block_p)
-    if rows * block_c >= 2**31:  # offsets within a program's ring are 32-bit
-        raise ValueError(f"x: images of shape {tuple(x.shape[2:])} need a backward ring of {rows} rows of "
-                         f"{block_c} channels, past the 2**31 elements the Triton kernel addresses")
-    ring = torch.empty((grid[0], rows, block_c), dtype=torch.float32, device=x.device)
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
     dx = _out_like(caller_x, x.shape)
-    _bwd_dx[grid](
-        x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dx, dw_partial, ring, *common, *dx.stride(),
-        channels, height, width, ho, wo, 1.0, 1.0 / max(1, batch * ho * wo), rows - 1,  # eval allows an empty batch
-        STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=bwd_dx_warps(warps),
-    )
+    inv_count = 1.0 / max(1, batch * ho * wo)  # eval allows an empty batch
+    # dz, the gradient at the conv output, never makes a round trip through memory as a
+    # [B, C, HO, WO] tensor: it lives in each program's two-row scratch (or ring of rows).
+    if width <= ROW_BACKWARD_MAX_WIDTH:
+        block_wo, block_wi, block_c, warps = _bwd_row_blocks(x, channels, width, wo)
+        grid = (image_channel_grid(batch, channels, block_c),)
+        scratch = torch.empty((grid[0], 2, block_wo, block_c), dtype=torch.float32, device=x.device)
+        _bwd_dx_rows[grid](
+            x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dx, dw_partial, scratch, *common,
+            *dx.stride(), channels, height, width, ho, wo, 1.0, inv_count,
+            STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_WO=block_wo, BLOCK_WI=block_wi,
+            BLOCK_C=block_c, num_warps=warps,
+        )
+    else:
+        block_p, block_c, warps = _blocks(x, channels)
+        grid = (image_channel_grid(batch, channels, block_c),)
+        rows = ring_rows(height, width, stride, block_p)
+        if rows * block_c >= 2**31:  # offsets within a program's ring are 32-bit
+            raise ValueError(f"x: images of shape {tuple(x.shape[2:])} need a backward ring of {rows} rows of "
+                             f"{block_c} channels, past the 2**31 elements the Triton kernel addresses")
+        ring = torch.empty((grid[0], rows, block_c), dtype=torch.float32, device=x.device)
+        _bwd_dx[grid](
+            x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dx, dw_partial, ring, *common, *dx.stride(),
+            channels, height, width, ho, wo, 1.0, inv_count, rows - 1,
+            STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=bwd_dx_warps(warps),
+        )
     dweight = dw_partial.sum(0).view(channels, 1, 3, 3)
     return dx, dweight, dgamma, dbeta

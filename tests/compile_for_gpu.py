@@ -36,7 +36,7 @@ from coatnet_fast.kernels import rel_bias_attention as attn
 TARGET = GPUTarget("cuda", 90, 32)
 FP32_POINTERS = {"T", "LSE", "DELTA", "DQ_ACC", "DBIAS", "DT", "WT", "SCALE", "SHIFT", "POOL", "MEAN", "M2", "RSTD",
                  "GAMMA", "BETA", "SUM_DU", "SUM_DU_XHAT", "DBETA", "DGAMMA", "DPOOL",
-                 "DW_PARTIAL", "OUT_MEAN", "OUT_VAR", "RING"}
+                 "DW_PARTIAL", "OUT_MEAN", "OUT_VAR", "RING", "SCRATCH"}
 FLOATS = {"scale", "inv_p", "inv_count"}
 SIZES = {"N", "H", "W", "C", "P", "R", "HO", "WO", "P_SPLIT", "G", "S"}  # upper-case scalars; other upper-case names are pointers
 
@@ -182,6 +182,24 @@ def cases():
                 for flag in (True, False):  # training / eval variants of each kernel
                     yield (dw._bwd_dx, act, dict(tiles, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag),
                            dict(num_warps=dw.bwd_dx_warps(warps)), layout)
+                # Odd shapes' tiles (one column, 13, the row backward's widest; few channels).
+                for channels, width in ((3, 1), (40, 13), (384, dw.ROW_BACKWARD_MAX_WIDTH)) if act == "bf16" else ():
+                    odd = torch.empty(2, channels, 4, width, device="meta").contiguous(memory_format=memory_format)
+                    width_out = (width - 1) // stride + 1
+                    block_wo, block_wi, block_c, row_warps = dw._bwd_row_blocks(odd, channels, width, width_out)
+                    yield (dw._bwd_dx_rows, act, dict(BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c,
+                                                      STRIDE=stride, HAS_DPOOL=False, TRAINING=True),
+                           dict(num_warps=row_warps), layout)
+                    block_w, block_c, row_warps = dw._row_blocks(odd, channels, width_out)
+                    yield (dw._apply, act, dict(BLOCK_W=block_w, BLOCK_C=block_c, STRIDE=stride, HAS_SCALE=True,
+                                                HAS_POOL=True), dict(num_warps=row_warps), layout)
+                # The row backward at S1's 56 output columns (and, channels_last, S2's 28).
+                for width_out in (56, 28) if layout == "channels_last" else (56,):
+                    block_wo, block_wi, block_c, row_warps = dw._bwd_row_blocks(x, 384, width_out * stride, width_out)
+                    for flag in (True, False):
+                        yield (dw._bwd_dx_rows, act,
+                               dict(BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c, STRIDE=stride,
+                                    HAS_DPOOL=not flag, TRAINING=flag), dict(num_warps=row_warps), layout)
                 for row, rw in row_tiles:
                     yield dw._stats, act, dict(row, STRIDE=stride), rw, layout
                     for flag in (True, False):

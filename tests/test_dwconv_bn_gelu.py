@@ -226,9 +226,10 @@ def test_bad_input_names_the_argument(overrides, error, message):
 @pytest.mark.parametrize("backend", dispatch.usable_backends(OP))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_pooled_variant_feeds_se(backend, training, channels_last, device):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pooled_variant_feeds_se(backend, training, channels_last, stride, device):
     """dwconv_bn_gelu_pool: the output and its per-image channel mean, gradients through both."""
-    shape, stride = (3, 7, 10, 9), 2
+    shape = (3, 7, 10, 9)
     x64, w64, g64, b64, m64, v64, gen = make_inputs(shape, device, torch.float32)
     x = x64.float().to(device)
     if channels_last:
@@ -396,13 +397,17 @@ TRITON_TILES = [(16, 64, 4), (64, 16, 4), (64, 64, 4), (128, 16, 4), (32, 64, 8)
 
 @pytest.mark.parametrize("tiles", TRITON_TILES, ids=lambda t: "x".join(map(str, t)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_triton_every_tile_choice(tiles, channels_last, device, monkeypatch):
+@pytest.mark.parametrize("backward", ["rows", "flattened"])
+def test_triton_every_tile_choice(tiles, channels_last, backward, device, monkeypatch):
     """The tiles benchmarks may force (FORCED_TILES), defaults included: one image walked in
     several chunks (several strips for the row kernels), more than one channel block, both
-    strides, train (both passes) and eval."""
+    strides, train (both passes) and eval; with the backward on either kernel."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     monkeypatch.setattr(kernels, "FORCED_TILES", tiles)
+    monkeypatch.setattr(kernels, "FORCED_ROW_BACKWARD_TILES", tiles[1:])
+    if backward == "flattened":
+        monkeypatch.setattr(kernels, "ROW_BACKWARD_MAX_WIDTH", 0)
     for stride, training in ((1, True), (2, True), (2, False)):
         check("triton", (2, 21, 9, 7), stride, training, channels_last, torch.float32, device)
 
@@ -458,19 +463,25 @@ def test_triton_backward_ring_wraps(tiles, shape, stride, training, channels_las
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     monkeypatch.setattr(kernels, "FORCED_TILES", tiles)
+    monkeypatch.setattr(kernels, "ROW_BACKWARD_MAX_WIDTH", 0)  # the ring is the flattened kernel's
     ho, wo = (shape[2] - 1) // stride + 1, (shape[3] - 1) // stride + 1
     assert kernels.ring_rows(shape[2], shape[3], stride, tiles[0]) < ho * wo  # its rows are reused
     check("triton", shape, stride, training, channels_last, torch.float32, device)
 
 
+@pytest.mark.parametrize("backward", ["rows", "flattened"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_triton_backward_allocates_no_activation_sized_intermediate(stride, device, monkeypatch):
+def test_triton_backward_allocates_no_activation_sized_intermediate(stride, backward, device, monkeypatch):
     """The backward's only activation-sized allocation is dx: dz (the gradient at the conv
-    output) stays in the ring: here 256 (stride 1) or 128 rows of 16 channels, for a 24x56
-    image of one channel block."""
+    output) stays in each program's scratch: two rows ([2, 64 or 32, 16] here, for a 24x56
+    image of one 16-channel block) for the row kernel; for the flattened one a ring of 256
+    (stride 1) or 128 rows of 16 channels."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     monkeypatch.setattr(kernels, "FORCED_TILES", (16, 16, 2))
+    monkeypatch.setattr(kernels, "FORCED_ROW_BACKWARD_TILES", (16, 2))
+    if backward == "flattened":
+        monkeypatch.setattr(kernels, "ROW_BACKWARD_MAX_WIDTH", 0)
     x = torch.randn(1, 16, 24, 56, device=device)
     if _refused("triton", x):
         return
@@ -490,9 +501,52 @@ def test_triton_backward_allocates_no_activation_sized_intermediate(stride, devi
     monkeypatch.setattr(torch, "empty", empty)
     dx, = torch.autograd.grad(out, x, torch.randn_like(out))
     monkeypatch.undo()
-    ring = kernels.ring_rows(24, 56, stride, 16) * 16
-    assert ring < out.numel() / 2
-    assert sorted(allocated)[-2:] == [ring, x.numel()], allocated  # the ring, then dx
+    if backward == "rows":  # whole output rows, 56 or 28 columns padded to 64 or 32
+        scratch = 2 * (1 << (out.shape[3] - 1).bit_length()) * 16
+    else:
+        scratch = kernels.ring_rows(24, 56, stride, 16) * 16
+    assert scratch < out.numel() / 2
+    assert sorted(allocated)[-2:] == [scratch, x.numel()], allocated  # the scratch, then dx
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_one_and_two_row_or_column_images(channels_last, device):
+    """The row kernels' first and last rows and columns at once: images of one or two rows or
+    columns (every row a boundary row, the stride-2 row pairs cut short), both strides, train
+    and eval, in one place rather than left to the fuzzed shapes' draws."""
+    for h, w in ((1, 1), (1, 2), (2, 1), (2, 2), (1, 5), (5, 1), (2, 7), (3, 2)):
+        for stride in (1, 2):
+            for training in (True, False):
+                if training and 2 * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) < 3:
+                    continue  # too few values a channel for batch statistics (test_fuzzed_small_shapes)
+                check("triton", (2, 5, h, w), stride, training, channels_last, torch.float32, device)
+
+
+@pytest.mark.parametrize("width, kernel", [(56, "_bwd_dx_rows"), (256, "_bwd_dx_rows"), (257, "_bwd_dx"),
+                                           (300, "_bwd_dx")])
+def test_triton_backward_kernel_by_width(width, kernel, device, monkeypatch):
+    """Rows up to ROW_BACKWARD_MAX_WIDTH input columns take the row backward; wider ones the
+    flattened kernel (counted launches), and both match the reference."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    launches = {"_bwd_dx_rows": 0, "_bwd_dx": 0}
+
+    class Counted:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(kernels, name)
+
+        def __getitem__(self, grid):
+            launches[self.name] += 1
+            return self.kernel[grid]
+
+    if _refused("triton", torch.randn(1, 3, 2, width, device=device)):
+        return
+    for name in launches:
+        monkeypatch.setattr(kernels, name, Counted(name))
+    assert kernels.ROW_BACKWARD_MAX_WIDTH == 256
+    for stride in (1, 2):
+        check("triton", (1, 3, 2, width), stride, True, True, torch.float32, device)
+    assert launches[kernel] == 2 and sum(launches.values()) == 2, launches
 
 
 def test_triton_gpu_tiles_keep_eight_elements_a_thread():
