@@ -128,34 +128,40 @@ def _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, 
                      STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """The partial sums ``_conv_row`` carries, before output row 0 of a strip: with stride 1,
     input row 0's part of output rows 0 (through ky = 1) and 1 (ky = 0); with stride 2 nothing
-    (output row 0's ky = 0 row is padding)."""
+    (output row 0's ky = 0 row is padding). Then the taps it loaded (stride 2: zeros), for
+    callers that keep them (the backward's d(weight))."""
     acc_a = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
     acc_b = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    x0, x1, x2 = acc_a, acc_a, acc_a
     if STRIDE == 1:
         x0, x1, x2 = _row_taps(X, b, 0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
         acc_a = _row_acc(acc_a, x0, x1, x2, wts, 1)
         acc_b = _row_acc(acc_b, x0, x1, x2, wts, 0)
-    return acc_a, acc_b
+    return acc_a, acc_b, x0, x1, x2
 
 
 @triton.jit
 def _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, sx_b, sx_c, sx_h, sx_w, H, W,
               STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(conv output row ho at columns wo, fp32; the carried sums for row ho + 1). Rows stream:
-    each input row is loaded once a strip (three column taps) and feeds every output row it
-    reaches, so an output element costs three tile loads, not nine (stride 2: six)."""
+    """(conv output row ho at columns wo, fp32; the carried sums for row ho + 1; the taps it
+    loaded: input row ho + 1's, or with stride 2 rows 2 ho's and 2 ho + 1's, six tiles). Rows
+    stream: each input row is loaded once a strip (three column taps) and feeds every output row
+    it reaches, so an output element costs three tile loads, not nine (stride 2: six). Callers
+    that do not use the taps leave them to the compiler to drop."""
     if STRIDE == 1:  # input row ho + 1 completes row ho (ky = 2) and feeds rows ho + 1 and ho + 2
         x0, x1, x2 = _row_taps(X, b, ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
         z = _row_acc(acc_a, x0, x1, x2, wts, 2)
         acc_a = _row_acc(acc_b, x0, x1, x2, wts, 1)
         acc_b = _row_acc(tl.zeros([BLOCK_W, BLOCK_C], tl.float32), x0, x1, x2, wts, 0)
+        taps = (x0, x1, x2)
     else:  # input rows 2 ho (ky = 1) and 2 ho + 1 (ky = 2; and ky = 0 of row ho + 1)
-        x0, x1, x2 = _row_taps(X, b, 2 * ho, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
-        z = _row_acc(acc_a, x0, x1, x2, wts, 1)
+        v0, v1, v2 = _row_taps(X, b, 2 * ho, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        z = _row_acc(acc_a, v0, v1, v2, wts, 1)
         x0, x1, x2 = _row_taps(X, b, 2 * ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
         z = _row_acc(z, x0, x1, x2, wts, 2)
         acc_a = _row_acc(tl.zeros([BLOCK_W, BLOCK_C], tl.float32), x0, x1, x2, wts, 0)
-    return z, acc_a, acc_b
+        taps = (v0, v1, v2, x0, x1, x2)
+    return z, acc_a, acc_b, taps
 
 
 @triton.jit
@@ -172,11 +178,11 @@ def _stats(X, WT, MEAN, M2,
     for w0 in range(0, WO, BLOCK_W):
         wo = w0 + tl.arange(0, BLOCK_W)
         w_ok = wo < WO
-        acc_a, acc_b = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
-                                        STRIDE, BLOCK_W, BLOCK_C)
+        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                                                 STRIDE, BLOCK_W, BLOCK_C)
         for ho in range(0, HO):
-            z, acc_a, acc_b = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
-                                        sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            z, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
+                                               sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
             count, mean, m2 = welford_update(count, mean, m2, z, w_ok)
     mean, m2 = welford_total(count, mean, m2)
     tl.store(MEAN + b * C + offs_c, mean, mask=c_ok)
@@ -201,11 +207,11 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
         w_ok = wo < WO
         ok = w_ok[:, None] & c_ok[None, :]
         y_strip = (Y + b * sy_b) + (offs_c[None, :] * sy_c + (wo * sy_w)[:, None])
-        acc_a, acc_b = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
-                                        STRIDE, BLOCK_W, BLOCK_C)
+        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                                                 STRIDE, BLOCK_W, BLOCK_C)
         for ho in range(0, HO):
-            u, acc_a, acc_b = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
-                                        sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            u, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
+                                               sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
             if HAS_SCALE:
                 u = u * scale[None, :]
             y = gelu(u + shift[None, :])
@@ -260,11 +266,11 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
     for w0 in range(0, WO, BLOCK_W):
         wo = w0 + tl.arange(0, BLOCK_W)
         w_ok = wo < WO
-        acc_a, acc_b = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
-                                        STRIDE, BLOCK_W, BLOCK_C)
+        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                                                 STRIDE, BLOCK_W, BLOCK_C)
         for ho in range(0, HO):
-            z, acc_a, acc_b = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
-                                        sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            z, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
+                                               sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
             du, xhat = _du_at(z, bn, DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
             sum_du += du
             sum_du_xhat += du * xhat
@@ -431,28 +437,19 @@ def _bwd_dx_rows(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, D
     # dx rows still taking sums: stride 1, rows ho - 1 and ho; stride 2, row 2 ho - 1 (dx_b unused)
     dx_a = tl.zeros([BLOCK_WI, BLOCK_C], tl.float32)
     dx_b = tl.zeros([BLOCK_WI, BLOCK_C], tl.float32)
-    # The conv streams rows as in the forward (``_conv_row``), written out here because d(weight)
-    # also needs the x under every tap of output row ho: the taps of its three input rows, those
-    # loaded this row and carried from the last one or two (u*: kernel row 0, v*: row 1).
+    # d(weight) needs the x under every tap of output row ho: its three input rows' taps, those
+    # the conv loads for this row and those carried from the last one or two (u*: kernel row 0,
+    # v*: row 1, x*: row 2).
+    acc_a, acc_b, v0, v1, v2 = _conv_rows_start(X, wts, b, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                                                STRIDE, BLOCK_WO, BLOCK_C)
     u0, u1, u2 = zero, zero, zero
-    v0, v1, v2 = zero, zero, zero
-    acc_a, acc_b = zero, zero
-    if STRIDE == 1:
-        v0, v1, v2 = _row_taps(X, b, 0, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
-        acc_a = _row_acc(acc_a, v0, v1, v2, wts, 1)
-        acc_b = _row_acc(acc_b, v0, v1, v2, wts, 0)
     for ho in range(0, HO):
-        if STRIDE == 1:  # input row ho + 1 completes output row ho (ky = 2), feeds ho + 1 and ho + 2
-            x0, x1, x2 = _row_taps(X, b, ho + 1, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
-            z = _row_acc(acc_a, x0, x1, x2, wts, 2)
-            acc_a = _row_acc(acc_b, x0, x1, x2, wts, 1)
-            acc_b = _row_acc(zero, x0, x1, x2, wts, 0)
-        else:  # input rows 2 ho (ky = 1) and 2 ho + 1 (ky = 2, and ky = 0 of row ho + 1)
-            v0, v1, v2 = _row_taps(X, b, 2 * ho, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
-            z = _row_acc(acc_a, v0, v1, v2, wts, 1)
-            x0, x1, x2 = _row_taps(X, b, 2 * ho + 1, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
-            z = _row_acc(z, x0, x1, x2, wts, 2)
-            acc_a = _row_acc(zero, x0, x1, x2, wts, 0)
+        z, acc_a, acc_b, taps = _conv_row(X, wts, b, ho, wo, wo_ok, offs_c, c_ok, acc_a, acc_b,
+                                          sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_WO, BLOCK_C)
+        if STRIDE == 1:
+            x0, x1, x2 = taps
+        else:
+            v0, v1, v2, x0, x1, x2 = taps
         dz = _dz_row(z, bn, DY, b, ho, wo, wo_ok, offs_c, c_ok, mean_dbeta, mean_dgamma,
                      sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL, TRAINING)
         dw0, dw1, dw2 = dw0 + dz * u0, dw1 + dz * u1, dw2 + dz * u2
