@@ -253,6 +253,19 @@ def _du_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w,
 
 
 @triton.jit
+def _dz_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, mean_dbeta, mean_dgamma, sdy_b, sdy_c, sdy_h, sdy_w,
+           HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr):
+    """dz, the gradient at the conv output, at positions (ho, wo) from their conv output z:
+    GELU's and BatchNorm's backward (training: batch statistics depend on every input). fp32, 0
+    outside the image and the channels (the training correction would fill masked rows)."""
+    du, xhat = _du_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
+    _, rstd, gamma, _, _ = bn
+    if TRAINING:
+        du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
+    return tl.where(p_ok[:, None] & c_ok[None, :], du * (gamma * rstd)[None, :], 0.0)
+
+
+@triton.jit
 def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
                 C, H, W, HO, WO, inv_p,
@@ -291,12 +304,8 @@ def _dz_chunk(X, wts, bn, DY, ring, b, q0, offs_c, c_ok, mean_dbeta, mean_dgamma
     ho = offs_q // WO
     wo = offs_q % WO
     z = _conv_tile(X, wts, b, offs_q, q_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, WO, STRIDE, BLOCK_P, BLOCK_C)
-    du, xhat = _du_at(z, bn, DY, b, ho, wo, q_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
-    _, rstd, gamma, _, _ = bn
-    if TRAINING:  # batch statistics depend on every input: BatchNorm's training backward
-        du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
-    ok = q_ok[:, None] & c_ok[None, :]
-    dz = tl.where(ok, du * (gamma * rstd)[None, :], 0.0)  # the training correction fills masked rows
+    dz = _dz_at(z, bn, DY, b, ho, wo, q_ok, offs_c, c_ok, mean_dbeta, mean_dgamma, sdy_b, sdy_c, sdy_h, sdy_w,
+                HAS_DPOOL, TRAINING)
     tl.store(ring + (offs_q & ring_mask)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :], dz,
              mask=q_ok[:, None])
     # A runtime loop, not an unrolled one: unrolled, the compiler hoists all nine x tiles at once
@@ -374,19 +383,6 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
 
 
 @triton.jit
-def _dz_row(z, bn, DY, b, ho, wo, wo_ok, offs_c, c_ok, mean_dbeta, mean_dgamma, sdy_b, sdy_c, sdy_h, sdy_w,
-            HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr):
-    """dz, the gradient at the conv output, of output row ho (columns wo) from its conv output z:
-    GELU's and BatchNorm's backward (training: batch statistics depend on every input). fp32, 0
-    outside the image and the channels."""
-    du, xhat = _du_at(z, bn, DY, b, ho, wo, wo_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
-    _, rstd, gamma, _, _ = bn
-    if TRAINING:
-        du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
-    return tl.where(wo_ok[:, None] & c_ok[None, :], du * (gamma * rstd)[None, :], 0.0)
-
-
-@triton.jit
 def _dz_cols(buf, wi, wi_ok, WO, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
     """The dz row in ``buf`` ([BLOCK_WO, BLOCK_C] fp32) as seen by input columns wi through column
     taps kx = 0, 1, 2: dz at output column (wi + 1 - kx) / STRIDE where that is one (else 0)."""
@@ -450,8 +446,8 @@ def _bwd_dx_rows(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, D
             x0, x1, x2 = taps
         else:
             v0, v1, v2, x0, x1, x2 = taps
-        dz = _dz_row(z, bn, DY, b, ho, wo, wo_ok, offs_c, c_ok, mean_dbeta, mean_dgamma,
-                     sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL, TRAINING)
+        dz = _dz_at(z, bn, DY, b, ho, wo, wo_ok, offs_c, c_ok, mean_dbeta, mean_dgamma,
+                    sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL, TRAINING)
         dw0, dw1, dw2 = dw0 + dz * u0, dw1 + dz * u1, dw2 + dz * u2
         dw3, dw4, dw5 = dw3 + dz * v0, dw4 + dz * v1, dw5 + dz * v2
         dw6, dw7, dw8 = dw6 + dz * x0, dw7 + dz * x1, dw8 + dz * x2
