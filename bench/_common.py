@@ -56,6 +56,15 @@ def graph_ms(fn, device, warmup=10, rep=50):
         torch.cuda.empty_cache()
 
 
+def fresh_leaves(tensors):
+    """New leaf tensors sharing ``tensors``' storage (no copy), for a step that takes gradients:
+    a leaf's AccumulateGrad node lives as long as the leaf and keeps the stream it was made on,
+    so a step reusing leaves from earlier eager runs syncs with the default stream inside the
+    graph capture and invalidates it (seen on an H200 for every fwd+bwd row, 2026-11-27); a leaf
+    made inside the step gets its node on the capturing stream."""
+    return [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+
+
 def graph_fields(fn, device, flops=None, moved_bytes=None, bandwidth_gbps=None) -> dict:
     """The ``graph_*`` fields of a row (``graph_ms``, its p20/p80, and TFLOP/s, GB/s and the
     fraction of copy bandwidth over it where given): empty on the CPU; ``graph_error`` where

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from _common import (  # noqa: E402
-    add_speedups, relative_errors, report, start_payload, timed_passes, use_tiles, with_compiled_peer, with_tiles)
+    add_speedups, fresh_leaves, relative_errors, report, start_payload, timed_passes, use_tiles, with_compiled_peer,
+    with_tiles)
 
 from coatnet_fast.kernels import batch_norm_act as kernels  # noqa: E402
 from coatnet_fast.ops import batch_norm_act, dispatch  # noqa: E402
@@ -129,8 +130,9 @@ def main(argv=None) -> int:
                             fn(x, *params, *stats, training, residual, branch_scale)
 
                     def forward_backward():
-                        torch.autograd.grad(fn(x, *params, *stats, training, residual, branch_scale), inputs,
-                                            grad_out)
+                        leaves = fresh_leaves(inputs)
+                        res = leaves[3] if projection else None
+                        torch.autograd.grad(fn(*leaves[:3], *stats, training, res, branch_scale), leaves, grad_out)
 
                     rows += timed_passes(forward, forward_backward, moved, bandwidth, device, provider=name,
                                          mode=mode, correct=all(e <= TOLERANCE[dtype] for e in errors.values()),

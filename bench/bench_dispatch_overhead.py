@@ -1,4 +1,5 @@
-"""Host time per call of the triton backend's two call paths, with the kernels stubbed out.
+"""Host time per call of the triton backend's two call paths, with the kernels stubbed out, and of
+the eager ops the BatchNorm fusions replace (at a size where their kernels cost nothing).
 
 The fused ops reach their kernel launchers either through their torch.library custom ops (what
 torch.compile traces) or, for plain eager calls, through a torch.autograd.Function
@@ -22,9 +23,10 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from _common import environment, write_json  # noqa: E402
 
+from coatnet_fast.kernels import batch_norm_act as bna_kernels  # noqa: E402
 from coatnet_fast.kernels import dwconv_bn_gelu as dw_kernels  # noqa: E402
 from coatnet_fast.kernels import rel_bias_attention as attn_kernels  # noqa: E402
-from coatnet_fast.ops import dispatch, dwconv_bn_gelu, rel_bias_attention  # noqa: E402
+from coatnet_fast.ops import batch_norm_act, dispatch, dwconv_bn_gelu, rel_bias_attention  # noqa: E402
 from coatnet_fast.ops.rel_bias_attention import table_rows  # noqa: E402
 
 STUBS = {
@@ -43,6 +45,15 @@ STUBS = {
             torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32),
             gamma.new_empty(gamma.shape, dtype=torch.float32), beta.new_empty(beta.shape, dtype=torch.float32)),
     },
+    bna_kernels: {
+        "batch_stats": lambda x: (x.new_zeros(x.shape[1], dtype=torch.float32),
+                                  x.new_ones(x.shape[1], dtype=torch.float32)),
+        "apply": lambda x, mean, scale, beta, gelu, residual, branch_scale, out_dtype: torch.empty_like(
+            x, dtype=out_dtype),
+        "backward": lambda dy, x, gamma, beta, mean, rstd, gelu, branch_scale, training: (
+            torch.empty_like(x), gamma.new_empty(gamma.shape, dtype=torch.float32),
+            beta.new_empty(beta.shape, dtype=torch.float32)),
+    },
 }
 
 
@@ -58,7 +69,24 @@ def calls(device):
         "dwconv_bn_gelu (train)": (lambda: dwconv_bn_gelu(x, weight, bn.weight, bn.bias, bn.running_mean,
                                                           bn.running_var, training=True, backend="triton"),
                                    (x, weight, bn.weight, bn.bias)),
+        "batch_norm_act (train)": (lambda: batch_norm_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                          training=True, backend="triton"),
+                                   (x, bn.weight, bn.bias)),
+        "batch_norm_act (eval)": (lambda: batch_norm_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                         training=False, backend="triton"),
+                                  (x, bn.weight, bn.bias)),
     }
+
+
+def eager_calls(device):
+    """What the fused ops replace, run as eager torch ops at the same sizes (tiny, so the time is
+    the host's): the seed's BatchNorm2d + GELU, in training and in eval."""
+    x = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
+    bn = torch.nn.BatchNorm2d(8).to(device)
+    act = torch.nn.GELU()
+    return {f"eager BatchNorm2d + GELU ({mode})": (lambda training=training: act(bn.train(training)(x)),
+                                                   (x, bn.weight, bn.bias))
+            for mode, training in (("train", True), ("eval", False))}
 
 
 def time_us(fn, repeats: int, rounds: int = 5) -> float:
@@ -104,6 +132,14 @@ def main(argv=None) -> int:
                 row[f"{path}_fwd_us"] = time_us(forward, args.repeats)
                 row[f"{path}_fwd_bwd_us"] = time_us(forward_backward, args.repeats)
             dispatch.eager_fast_path = fast_path
+            payload["results"].append(row)
+            print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        for op, (forward, inputs) in eager_calls(device).items():
+            def forward_backward(forward=forward, inputs=inputs):
+                out = forward()
+                torch.autograd.grad(out, inputs, out)
+            row = {"op": op, "eager_fwd_us": time_us(forward, args.repeats),
+                   "eager_fwd_bwd_us": time_us(forward_backward, args.repeats)}
             payload["results"].append(row)
             print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     finally:

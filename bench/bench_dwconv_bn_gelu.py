@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from _common import (  # noqa: E402
-    add_speedups, relative_errors, report, start_payload, timed_passes, use_tiles, with_compiled_peer, with_tiles)
+    add_speedups, fresh_leaves, relative_errors, report, start_payload, timed_passes, use_tiles, with_compiled_peer,
+    with_tiles)
 
 from coatnet_fast.kernels import dwconv_bn_gelu as kernels  # noqa: E402
 from coatnet_fast.ops import dispatch, dwconv_bn_gelu  # noqa: E402
@@ -37,14 +38,42 @@ def eager_op(x, w, g, b, rm, rv, training):
     return F.gelu(F.batch_norm(y, rm, rv, g, b, training, 0.1, 1e-5))
 
 
-def providers(device, tiles=()):
-    """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (``use_tiles``)."""
+def providers(device, tiles=(), variants=()):
+    """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (``use_tiles``),
+    ``triton@<variant>`` with one of ``configure``'s backward variants."""
     fns = with_compiled_peer(eager_op, device)  # providers() is called per shape and mode
     for backend in dispatch.BACKENDS:
         if backend != "eager" and not dispatch.why_not("dwconv_bn_gelu", backend):
             fns[backend] = (lambda x, w, g, b, rm, rv, training, _b=backend:
                             dwconv_bn_gelu(x, w, g, b, rm, rv, training=training, backend=_b))
-    return with_tiles(fns, tiles)
+    fns = with_tiles(fns, tiles)
+    if "triton" in fns:
+        for variant in variants:
+            fns[f"triton@{variant}"] = fns["triton"]
+    return fns
+
+
+_DEFAULTS = {name: getattr(kernels, name) for name in ("DZ_PATH", "ROW_BACKWARD_MAX_WIDTH")}
+
+
+def configure(provider: str) -> None:
+    """The kernel module's knobs for a provider, left set for its whole timed step: ``@scratch``
+    the backward's dz in a per-program scratch (DZ_PATH), ``@flattened`` the flattened backward
+    (ROW_BACKWARD_MAX_WIDTH 0), ``@bwdCxW`` the row backward's channel block and warps
+    (FORCED_ROW_BACKWARD_TILES), ``@PxCxW`` forced tiles (``use_tiles``); else the defaults."""
+    for name, value in _DEFAULTS.items():
+        setattr(kernels, name, value)
+    kernels.FORCED_ROW_BACKWARD_TILES = None
+    variant = provider.split("@")[1] if "@" in provider else ""
+    use_tiles(kernels, provider if variant[:1].isdigit() else "")
+    if variant == "scratch":
+        kernels.DZ_PATH = "scratch"
+    elif variant == "flattened":
+        kernels.ROW_BACKWARD_MAX_WIDTH = 0
+    elif variant.startswith("bwd"):
+        kernels.FORCED_ROW_BACKWARD_TILES = tuple(int(v) for v in variant[len("bwd"):].split("x"))
+    elif variant and not variant[:1].isdigit():
+        raise ValueError(f"unknown triton variant {variant!r} in provider {provider!r}")
 
 
 def make_inputs(batch, channels, height, width, dtype, device, seed=0):
@@ -66,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="train,eval")
     p.add_argument("--tiles", default="", help="also time the triton backend at these tiles, e.g. 16x64x4,32x64x8 "
                    "(BLOCK_P x BLOCK_C x num_warps)")
+    p.add_argument("--variants", default="", help="also time the triton backend's backward variants, e.g. "
+                   "scratch,flattened,bwd16x4 (see configure)")
     p.add_argument("--smoke", action="store_true", help="batch 2, 8x8, 16 channels, fp32")
     p.add_argument("--out", help="JSON path (default: bench/results/dwconv_bn_gelu_<device>.json)")
     args = p.parse_args(argv)
@@ -90,8 +121,9 @@ def main(argv=None) -> int:
             ref = (ref_out,) + torch.autograd.grad(ref_out, ref_in, grad_out.float())
             tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
             rows = []
-            for name, fn in providers(device, [t for t in args.tiles.split(",") if t]).items():
-                use_tiles(kernels, name)
+            for name, fn in providers(device, [t for t in args.tiles.split(",") if t],
+                                      [v for v in args.variants.split(",") if v]).items():
+                configure(name)
                 try:
                     run_stats = [t.clone() for t in pristine]
                     out = fn(x, *params, *run_stats, training)
@@ -105,7 +137,8 @@ def main(argv=None) -> int:
                             fn(x, *params, *stats, training)
 
                     def forward_backward():
-                        torch.autograd.grad(fn(x, *params, *stats, training), inputs, grad_out)
+                        leaves = fresh_leaves(inputs)
+                        torch.autograd.grad(fn(*leaves, *stats, training), leaves, grad_out)
 
                     # Fewest bytes: x read and y written forward; dy read and dx written backward.
                     moved = {"fwd": 2 * activation_bytes, "fwd+bwd": 5 * activation_bytes}
@@ -115,7 +148,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # a provider that cannot run is reported, not fatal
                     traceback.print_exc()
                     rows.append({"provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:400]})
-            use_tiles(kernels, "")
+            configure("")
             add_speedups(rows)
             failed |= report(rows, payload, out_path, shape=label, batch=args.batch, dtype=args.dtype,
                              layout="channels_last")

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import add_ratios, bench_ms, copy_bandwidth, environment, graph_fields, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    add_ratios, bench_ms, copy_bandwidth, environment, fresh_leaves, graph_fields, write_json)
 
 from coatnet_fast.models.registry import MODEL_CONFIGS  # noqa: E402
 from coatnet_fast.ops import dispatch, rel_bias_attention, relative_position_index  # noqa: E402
@@ -161,8 +162,8 @@ def run_case(name, fn, inputs, grad_out, window, ref, device, batch, heads, d, d
             min_bytes = 4 * bhnd * elem + table_bytes  # read q, k, v, table; write o
         else:
             def step():
-                o = fn(*inputs)
-                torch.autograd.grad(o, inputs, grad_out)
+                leaves = fresh_leaves(inputs)
+                torch.autograd.grad(fn(*leaves), leaves, grad_out)
             flops = 14 * batch * heads * n * n * d  # 2 matmuls forward, 5 backward
             # forward as above, plus read q, k, v, o, do and write dq, dk, dv, dtable
             min_bytes = (4 + 8) * bhnd * elem + 3 * table_bytes + 2 * batch * heads * n * 4

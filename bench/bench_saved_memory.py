@@ -30,9 +30,11 @@ from _common import environment, write_json  # noqa: E402
 
 from coatnet_fast import benchmark  # noqa: E402
 
+# backend:triton leaves the BatchNorm + GELU blocks unfused in training (ConvBN.fused_in_training),
+# as backend:triton:no-batch_norm_act does; train-batch_norm_act shows what fusing them keeps.
 DEFAULT_PROVIDERS = ("eager,backend:triton:no-dwconv_bn_gelu:no-batch_norm_act,"
-                     "backend:triton:no-batch_norm_act:no-se-gate,backend:triton:no-batch_norm_act,"
-                     "backend:triton:no-se-gate,backend:triton")
+                     "backend:triton:no-batch_norm_act:no-se-gate,backend:triton,"
+                     "backend:triton:no-se-gate:train-batch_norm_act,backend:triton:train-batch_norm_act")
 
 
 def saved_activation_bytes(provider: str, model: str, batch: int, image_size: int, channels_last: bool) -> dict:

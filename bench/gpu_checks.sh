@@ -10,9 +10,13 @@
 #   train   a short `coatnet-fast train` on the GPU defaults (bf16, channels_last)
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> STAGES="setup test" bash bench/gpu_checks.sh
 # STAGES defaults to all of them. One device call may run 600 s at most and a session has 900 s
-# of device time, start-up included, so a session runs two or three calls on the warm machine,
-# e.g. STAGES="setup ops" then STAGES="profile model test", with the stage limits below (or
-# the *_TIMEOUT variables) keeping each call under its timeout. The extension's build cache
+# of device time, start-up included, so a session runs two calls on the warm machine (it is
+# given back after 30 s idle: have the second command ready), e.g. STAGES="setup ops" then
+# STAGES="profile model", with the stage limits below (or the *_TIMEOUT variables) keeping each
+# call under its timeout. On 2026-11-27 (H200): setup 148 s (the extension's build 40 s), the
+# depthwise benchmark with three forced tiles 76 s, the model benchmark with four providers
+# 219 s (torch.compile's first training step alone 126 s); the CUDA test cases run about 1.2 s
+# each (about 560 of them: narrow PYTEST_ARGS to what changed). The extension's build cache
 # sits in the checkout (.ext_cache/, git-ignored), which the device keeps between calls.
 # Each stage has its own time limit and writes its results as it goes, so a cut-off stage
 # still leaves the earlier ones under $OUT; narrow them with the *_ARGS variables.
@@ -44,7 +48,7 @@ fi
 if stage ops; then
   timeout "${ATTN_TIMEOUT:-200}" python3 bench/bench_rel_bias_attention.py ${ATTN_ARGS:---models coatnet_0 --dtypes bf16} --out "$OUT/rel_bias_attention_gpu.json" > "$OUT/bench_attention.txt" 2>&1 || status=1
   python3 bench/summarize.py "$OUT/rel_bias_attention_gpu.json"
-  timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:---tiles 8x128x8,16x64x4,8x64x2} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
+  timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:---tiles 16x64x4 --variants scratch,bwd16x8,bwd4x2} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
   python3 bench/summarize.py "$OUT/dwconv_bn_gelu_gpu.json"
   timeout "${BNA_TIMEOUT:-130}" python3 bench/bench_batch_norm_act.py ${BNA_ARGS:---tiles 64x64x4,64x64x8} --out "$OUT/batch_norm_act_gpu.json" > "$OUT/bench_batch_norm_act.txt" 2>&1 || status=1
   python3 bench/summarize.py "$OUT/batch_norm_act_gpu.json"
@@ -53,7 +57,7 @@ if stage profile; then
   timeout "${PROFILE_TIMEOUT:-180}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1
 fi
 if stage model; then
-  timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,backend:triton,backend:triton:no-batch_norm_act,backend:triton:no-se-gate,backend:ext,compile,backend:triton:compile --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
+  timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,backend:triton,backend:triton:train-batch_norm_act,compile,backend:triton:compile --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
 fi
 if stage train; then
   timeout "${TRAIN_TIMEOUT:-90}" python3 -m coatnet_fast train ${TRAIN_ARGS:---epochs 5 --backend auto --no-progress} --out "$OUT/train_digits" 2>&1 | tee "$OUT/train.txt" | tail -5 || status=1

@@ -11,6 +11,9 @@ model in ``--models``, these providers:
   backend:<b>[:compile]:no-<op>  the same with <op> left on eager (repeatable), to measure
                         what one fusion is worth in the model; no-se-gate keeps SE's
                         multiply instead of its gate in the projection's weights
+  backend:<b>[:compile]:train-batch_norm_act  the same with the stem's and MBConv's
+                        BatchNorm (+ GELU) blocks fused in training too (ConvBN's
+                        fused_in_training; by default they are fused in eval only)
 
 A training step is autocast forward, cross-entropy, backward and AdamW (fused on CUDA);
 inference is a forward under torch.inference_mode. On a GPU the default is the issue's
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from ._env import device_description, dist_version
-from .models import MODEL_CONFIGS, MBConv, create_model, set_backend
+from .models import MODEL_CONFIGS, ConvBN, MBConv, create_model, set_backend
 from .ops import dispatch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,6 +57,7 @@ SMOKE_MODEL = {"num_blocks": (1, 1, 1, 1, 1), "channels": (16, 24, 32, 64, 96)}
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 SE_GATE = "se-gate"  # backend:<b>:no-se-gate: MBConv's SE multiplies the activation (see MBConv)
+TRAIN_BATCH_NORM_ACT = "train-batch_norm_act"  # backend:<b>:train-batch_norm_act: ConvBN.fused_in_training
 
 
 class ProviderError(ValueError):
@@ -267,10 +271,10 @@ def parse_provider(provider: str) -> Tuple[str, Optional[str], bool]:
 
 
 def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]:
-    """parse_provider's answer and what a ``backend:<b>[:compile][:no-<op>...]`` provider leaves
-    unfused, to measure what one fusion is worth inside the model: the ops named, and with
-    ``no-se-gate`` MBConv's SE gate multiplying the activation instead of going into the
-    projection's weights."""
+    """parse_provider's answer and the options of a ``backend:<b>[:compile][:no-<op>...]`` provider:
+    what it leaves unfused, to measure what one fusion is worth inside the model (the ops named,
+    and with ``no-se-gate`` MBConv's SE gate multiplying the activation instead of going into the
+    projection's weights), and ``train-batch_norm_act`` where it fuses ConvBN in training too."""
     if provider == "eager":
         return "reference", None, False, []
     if provider == "compile":
@@ -284,15 +288,17 @@ def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]
                                 f"{', '.join(dispatch.BACKENDS)}")
         options = parts[2:]
         compiled = options[:1] == ["compile"]
-        excluded = [o[len("no-"):] for o in options[int(compiled):]]
-        if all(o.startswith("no-") for o in options[int(compiled):]):
-            unknown = [op for op in excluded if op not in dispatch.ops() + [SE_GATE]]
+        options = options[int(compiled):]
+        if all(o.startswith("no-") or o == TRAIN_BATCH_NORM_ACT for o in options):
+            unknown = [o[len("no-"):] for o in options
+                       if o.startswith("no-") and o[len("no-"):] not in dispatch.ops() + [SE_GATE]]
             if unknown:
                 raise ProviderError(f"unknown op {unknown[0]!r} in provider {provider!r}; ops: "
                                     f"{', '.join(dispatch.ops() + [SE_GATE])}")
-            return "reference", parts[1], compiled, excluded
+            return "reference", parts[1], compiled, [o[len("no-"):] if o.startswith("no-") else o for o in options]
     raise ProviderError(f"unknown provider {provider!r}; choose eager, compile, timm, fused, "
-                        f"backend:<name>[:compile][:no-<op>...] with name in {', '.join(dispatch.BACKENDS)}")
+                        f"backend:<name>[:compile][:no-<op>...][:{TRAIN_BATCH_NORM_ACT}] with name in "
+                        f"{', '.join(dispatch.BACKENDS)}")
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -317,10 +323,11 @@ def build(provider: str, model: str, settings: dict) -> Tuple[torch.nn.Module, L
         why = "; ".join(f"{op}: {', '.join(dispatch.why_not(op, backend))}" for op in dispatch.ops())
         raise ProviderError(f"backend {backend!r} can run none of the fused ops here ({why})")
     set_backend(net, backend, ops)
-    if SE_GATE in excluded:
-        for module in net.modules():
-            if isinstance(module, MBConv):
-                module.se_gate_in_projection = False
+    for module in net.modules():
+        if SE_GATE in excluded and isinstance(module, MBConv):
+            module.se_gate_in_projection = False
+        if TRAIN_BATCH_NORM_ACT in excluded and isinstance(module, ConvBN):
+            module.fused_in_training = True
     return net, ops
 
 

@@ -57,12 +57,17 @@ def gelu_grad(u):
 
 
 @triton.jit
-def image_and_channels(C, BLOCK_C: tl.constexpr):
+def image_and_channels(C, BLOCK_C: tl.constexpr, VECTOR: tl.constexpr = 0):
     """(image index as int64, channel offsets) of a program on grid axis 0, which runs over
-    images x channel blocks: one axis, so neither count meets CUDA's 65535 limit on axes 1 and 2."""
+    images x channel blocks: one axis, so neither count meets CUDA's 65535 limit on axes 1 and 2.
+    VECTOR > 0 caps the channels a thread loads together (the tile layout's elements per thread
+    along C) at VECTOR, where the compiler would take 16 bytes' worth."""
     blocks = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
-    return (pid // blocks).to(tl.int64), (pid % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = (pid % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if VECTOR > 0 and BLOCK_C >= VECTOR:  # the hint goes on the op that makes offs_c, not on a call's result
+        offs_c = tl.max_contiguous(offs_c, VECTOR)
+    return (pid // blocks).to(tl.int64), offs_c
 
 
 def image_channel_grid(batch: int, channels: int, block_c: int, name: str = "x") -> int:

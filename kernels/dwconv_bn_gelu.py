@@ -1,10 +1,10 @@
 """Triton kernels for 3x3 depthwise conv (padding 1) + BatchNorm + exact GELU, and their launchers.
 
 Every kernel runs one program per (image, channel block) that walks the whole image, recomputing
-the conv from x: nothing but x is kept between passes, and the backward keeps no activation-sized
-intermediate either. Per-channel reductions therefore finish inside one program per image, in
-a fixed order: results are deterministic and need no atomics, and partials are per image
-([B, C]; [B, C, 9] for d(weight)), not per tile.
+the conv from x: nothing but x is kept between passes (the backward's one activation-sized
+intermediate, dz, lives only while the backward runs; ``DZ_PATH``). Per-channel reductions
+therefore finish inside one program per image, in a fixed order: results are deterministic and
+need no atomics, and partials are per image ([B, C]; [B, C, 9] for d(weight)), not per tile.
 
 The three kernels that walk the output positions (``_stats``, ``_apply``, ``_bwd_reduce``)
 stream rows: a program takes the image in strips BLOCK_W output columns wide and runs down each
@@ -12,10 +12,11 @@ strip a row at a time, loading each input row once (its three column taps) and a
 every output row it reaches, with the partial sums of the next rows carried in registers
 (``_conv_row``). An output element then costs three tile loads, not nine (stride 2: six), and
 their bf16 unpacking and addressing with them; the per-element work left is the FMAs, the
-epilogue and GELU. The backward's second pass, ``_bwd_dx_rows``, takes whole rows (images of
-up to ROW_BACKWARD_MAX_WIDTH columns): down the rows, the conv output row, its dz, the dx rows
-it completes and d(weight)'s sums, dz passing between threads through a two-row scratch. Wider
-images take ``_bwd_dx``, which walks flattened chunks of BLOCK_P positions (below).
+epilogue and GELU. For images of up to ROW_BACKWARD_MAX_WIDTH columns the backward then writes
+dz (``_bwd_dz``, streaming strips likewise) and takes dx and d(weight) from it a whole row at a
+time (``_bwd_dx_dw``); or, with DZ_PATH "scratch", ``_bwd_dx_rows`` does all three a row at a
+time, dz passing between threads through a two-row scratch. Wider images take ``_bwd_dx``,
+which walks flattened chunks of BLOCK_P positions (below).
 
 - ``_stats`` (training, pass 1): per-image channel mean and M2 of the conv output: Welford's
   update per slot of the tile over the chunks, then Chan's merge across the slots once (exact
@@ -24,6 +25,9 @@ images take ``_bwd_dx``, which walks flattened chunks of BLOCK_P positions (belo
   the BatchNorm is folded into the weights and a shift by the launcher. Optionally the
   per-image channel sums of the output (the SE block's average pool) in the same pass.
 - ``_bwd_reduce``: recompute, then per-image sums of du and du * xhat (d(beta), d(gamma)).
+- ``_bwd_dz``: recompute, then dz (BatchNorm's training or eval backward) into memory.
+- ``_bwd_dx_dw``: down dz's rows, the dx rows each completes (the transposed conv, partial sums
+  carried) and d(weight)'s per-slot sums from dz and the x under each tap.
 - ``_bwd_dx_rows``: see above; dx rows complete as the dz rows they take arrive (their partial
   sums carried, as the forward carries the conv's), d(weight)'s sums per slot from dz and the
   input taps the conv loaded for this row or carried from the last two.
@@ -48,6 +52,15 @@ import triton.language as tl
 
 from ._common import (gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, welford_total,
                       welford_update)
+
+# Channels a thread loads together (8-byte loads at 16 bits; fp32's 16-byte loads are four
+# already). A thread then holds four channels' nine tap weights, not eight's: that takes _apply
+# and _stats from 165 and 158 registers to 128 (four programs an SM, not three) and _bwd_reduce
+# from 227 to 168 (three, not two) at CoAtNet's tiles (ptxas, triton 3.6, sm_90a, bf16). On an
+# H200 these kernels wait on memory with the programs that fit an SM rather than on bandwidth
+# (bench/results/dwconv_bn_gelu_h200.json: 20 to 36% of the copy bandwidth), so programs an SM
+# set their speed.
+CHANNEL_VECTOR: tl.constexpr = tl.constexpr(4)
 
 
 
@@ -169,7 +182,7 @@ def _stats(X, WT, MEAN, M2,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
            C, H, W, HO, WO,
            STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, offs_c = image_and_channels(C, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     count = tl.zeros([BLOCK_W], tl.float32)
@@ -195,7 +208,7 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
            C, H, W, HO, WO,
            STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_POOL: tl.constexpr,
            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, offs_c = image_and_channels(C, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c_ok = offs_c < C
     shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
     if HAS_SCALE:
@@ -237,6 +250,18 @@ def _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_D
 
 
 @triton.jit
+def _training_means(DBETA, DGAMMA, offs_c, c_ok, inv_count, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr):
+    """d(beta) and d(gamma)'s totals over the count of values a channel (training's BatchNorm
+    backward subtracts them), fp32; zeros in eval."""
+    mean_dbeta = tl.zeros([BLOCK_C], tl.float32)
+    mean_dgamma = tl.zeros([BLOCK_C], tl.float32)
+    if TRAINING:
+        mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
+        mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
+    return mean_dbeta, mean_dgamma
+
+
+@triton.jit
 def _du_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL: tl.constexpr):
     """From the conv output z at positions (ho, wo): du = d(loss)/du through GELU, and xhat
     (fp32 tiles; du is 0 outside the image and the channels)."""
@@ -270,7 +295,7 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
                 C, H, W, HO, WO, inv_p,
                 STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, offs_c = image_and_channels(C, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     bn = _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL)
@@ -335,14 +360,10 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
             C, H, W, HO, WO, inv_p, inv_count, ring_mask,
             STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, offs_c = image_and_channels(C, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c_ok = offs_c < C
     P = HO * WO
-    mean_dbeta = tl.zeros([BLOCK_C], tl.float32)
-    mean_dgamma = tl.zeros([BLOCK_C], tl.float32)
-    if TRAINING:
-        mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
-        mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
+    mean_dbeta, mean_dgamma = _training_means(DBETA, DGAMMA, offs_c, c_ok, inv_count, TRAINING, BLOCK_C)
     # This program's ring of dz rows: output position q in row q & ring_mask, [ring_mask + 1, BLOCK_C] fp32.
     ring = RING + tl.program_id(0).to(tl.int64) * (ring_mask + 1) * BLOCK_C
     offs_r = tl.arange(0, BLOCK_C)
@@ -383,17 +404,64 @@ def _bwd_dx(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, DW_PAR
 
 
 @triton.jit
-def _dz_cols(buf, wi, wi_ok, WO, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The dz row in ``buf`` ([BLOCK_WO, BLOCK_C] fp32) as seen by input columns wi through column
-    taps kx = 0, 1, 2: dz at output column (wi + 1 - kx) / STRIDE where that is one (else 0)."""
-    offs_r = tl.arange(0, BLOCK_C)[None, :]
+def _dz_cols(row, s_col, chans, c_ok, wi, wi_ok, WO, STRIDE: tl.constexpr):
+    """A dz row (``row`` + column * s_col + chans) as seen by input columns wi through column
+    taps kx = 0, 1, 2: dz at output column (wi + 1 - kx) / STRIDE where that is one (else 0), fp32."""
     src, ok = _source_index(wi, 0, WO, STRIDE)
-    v0 = tl.load(buf + src[:, None] * BLOCK_C + offs_r, mask=(ok & wi_ok)[:, None], other=0.0)
+    v0 = tl.load(row + src[:, None] * s_col + chans[None, :], mask=(ok & wi_ok)[:, None] & c_ok[None, :], other=0.0)
     src, ok = _source_index(wi, 1, WO, STRIDE)
-    v1 = tl.load(buf + src[:, None] * BLOCK_C + offs_r, mask=(ok & wi_ok)[:, None], other=0.0)
+    v1 = tl.load(row + src[:, None] * s_col + chans[None, :], mask=(ok & wi_ok)[:, None] & c_ok[None, :], other=0.0)
     src, ok = _source_index(wi, 2, WO, STRIDE)
-    v2 = tl.load(buf + src[:, None] * BLOCK_C + offs_r, mask=(ok & wi_ok)[:, None], other=0.0)
-    return v0, v1, v2
+    v2 = tl.load(row + src[:, None] * s_col + chans[None, :], mask=(ok & wi_ok)[:, None] & c_ok[None, :], other=0.0)
+    return v0.to(tl.float32), v1.to(tl.float32), v2.to(tl.float32)
+
+
+@triton.jit
+def _dx_rows_take(dx_a, dx_b, d0, d1, d2, wts, dx_strip, ho, sdx_h, dx_ok, wi_row,
+                  STRIDE: tl.constexpr, BLOCK_WI: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Add dz row ho (as ``_dz_cols`` gives it) into the dx rows it reaches, store the ones it
+    completes, and return the two still taking sums: stride 1, rows ho and ho + 1 (ho - 1 is
+    done); stride 2, row 2 ho + 1 (2 ho - 1 and 2 ho are done; dx_b unused)."""
+    if STRIDE == 1:  # dz row ho reaches dx rows ho - 1 (ky = 0), ho (ky = 1), ho + 1 (ky = 2)
+        done = _row_acc(dx_a, d0, d1, d2, wts, 0)
+        tl.store(dx_strip + (ho - 1) * sdx_h, done.to(dx_strip.dtype.element_ty),
+                 mask=dx_ok & (wi_row + ho >= 1)[:, None])
+        dx_a = _row_acc(dx_b, d0, d1, d2, wts, 1)
+        dx_b = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 2)
+    else:  # dz row ho reaches dx rows 2 ho - 1 (ky = 0), 2 ho (ky = 1), 2 ho + 1 (ky = 2)
+        done = _row_acc(dx_a, d0, d1, d2, wts, 0)
+        tl.store(dx_strip + (2 * ho - 1) * sdx_h, done.to(dx_strip.dtype.element_ty),
+                 mask=dx_ok & (wi_row + ho >= 1)[:, None])
+        done = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 1)
+        tl.store(dx_strip + (2 * ho) * sdx_h, done.to(dx_strip.dtype.element_ty), mask=dx_ok)
+        dx_a = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 2)
+    return dx_a, dx_b
+
+
+@triton.jit
+def _dx_rows_finish(dx_a, dx_strip, H, HO, sdx_h, dx_ok, wi_row, STRIDE: tl.constexpr):
+    """Store the last dx row: stride 1, H - 1 (its ky = 0 dz row is padding); stride 2, 2 HO - 1
+    if inside."""
+    if STRIDE == 1:
+        last = HO - 1
+    else:
+        last = 2 * HO - 1
+    tl.store(dx_strip + last * sdx_h, dx_a.to(dx_strip.dtype.element_ty), mask=dx_ok & (wi_row + last < H)[:, None])
+
+
+@triton.jit
+def _dw_store(DW_PARTIAL, b, C, offs_c, c_ok, dw0, dw1, dw2, dw3, dw4, dw5, dw6, dw7, dw8):
+    """d(weight)'s per-image partials [B, C, 9] from the per-slot sums of each tap."""
+    base = DW_PARTIAL + (b * C + offs_c) * 9
+    tl.store(base + 0, tl.sum(dw0, 0), mask=c_ok)
+    tl.store(base + 1, tl.sum(dw1, 0), mask=c_ok)
+    tl.store(base + 2, tl.sum(dw2, 0), mask=c_ok)
+    tl.store(base + 3, tl.sum(dw3, 0), mask=c_ok)
+    tl.store(base + 4, tl.sum(dw4, 0), mask=c_ok)
+    tl.store(base + 5, tl.sum(dw5, 0), mask=c_ok)
+    tl.store(base + 6, tl.sum(dw6, 0), mask=c_ok)
+    tl.store(base + 7, tl.sum(dw7, 0), mask=c_ok)
+    tl.store(base + 8, tl.sum(dw8, 0), mask=c_ok)
 
 
 @triton.jit
@@ -409,13 +477,9 @@ def _bwd_dx_rows(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, D
     threads, one barrier a row), the dx rows it completes (their partial sums carried, as the
     forward carries the conv's), and d(weight)'s per-slot sums from dz and the x under each tap.
     Rows must fit a tile: BLOCK_WO >= WO, BLOCK_WI >= W."""
-    b, offs_c = image_and_channels(C, BLOCK_C)
+    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c_ok = offs_c < C
-    mean_dbeta = tl.zeros([BLOCK_C], tl.float32)
-    mean_dgamma = tl.zeros([BLOCK_C], tl.float32)
-    if TRAINING:
-        mean_dbeta = tl.load(DBETA + offs_c, mask=c_ok, other=0.0) * inv_count
-        mean_dgamma = tl.load(DGAMMA + offs_c, mask=c_ok, other=0.0) * inv_count
+    mean_dbeta, mean_dgamma = _training_means(DBETA, DGAMMA, offs_c, c_ok, inv_count, TRAINING, BLOCK_C)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     bn = _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL)
     wo = tl.arange(0, BLOCK_WO)
@@ -461,36 +525,94 @@ def _bwd_dx_rows(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, D
         buf = scratch + (ho & 1) * (BLOCK_WO * BLOCK_C)
         tl.store(buf + offs_s, dz)
         tl.debug_barrier()
-        d0, d1, d2 = _dz_cols(buf, wi, wi_ok, WO, STRIDE, BLOCK_C)
-        if STRIDE == 1:  # dz row ho reaches dx rows ho - 1 (ky = 0), ho (ky = 1), ho + 1 (ky = 2)
-            done = _row_acc(dx_a, d0, d1, d2, wts, 0)
-            tl.store(dx_strip + (ho - 1) * sdx_h, done.to(DX.dtype.element_ty),
-                     mask=dx_ok & (wi_row + ho >= 1)[:, None])
-            dx_a = _row_acc(dx_b, d0, d1, d2, wts, 1)
-            dx_b = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 2)
-        else:  # dz row ho reaches dx rows 2 ho - 1 (ky = 0), 2 ho (ky = 1), 2 ho + 1 (ky = 2)
-            done = _row_acc(dx_a, d0, d1, d2, wts, 0)
-            tl.store(dx_strip + (2 * ho - 1) * sdx_h, done.to(DX.dtype.element_ty),
-                     mask=dx_ok & (wi_row + ho >= 1)[:, None])
-            done = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 1)
-            tl.store(dx_strip + (2 * ho) * sdx_h, done.to(DX.dtype.element_ty), mask=dx_ok)
-            dx_a = _row_acc(tl.zeros([BLOCK_WI, BLOCK_C], tl.float32), d0, d1, d2, wts, 2)
-    # The last dx row: stride 1, H - 1 (its ky = 0 dz row is padding); stride 2, 2 HO - 1 if inside.
+        chans = tl.arange(0, BLOCK_C)
+        d0, d1, d2 = _dz_cols(buf, BLOCK_C, chans, chans < BLOCK_C, wi, wi_ok, WO, STRIDE)
+        dx_a, dx_b = _dx_rows_take(dx_a, dx_b, d0, d1, d2, wts, dx_strip, ho, sdx_h, dx_ok, wi_row,
+                                   STRIDE, BLOCK_WI, BLOCK_C)
+    _dx_rows_finish(dx_a, dx_strip, H, HO, sdx_h, dx_ok, wi_row, STRIDE)
+    _dw_store(DW_PARTIAL, b, C, offs_c, c_ok, dw0, dw1, dw2, dw3, dw4, dw5, dw6, dw7, dw8)
+
+
+@triton.jit
+def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
+            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w, sdz_b, sdz_c, sdz_h, sdz_w,
+            C, H, W, HO, WO, inv_p, inv_count,
+            STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
+            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dz, the gradient at the conv output (recompute, then GELU's and BatchNorm's backward),
+    into DZ [B, C, HO, WO]; strips streamed down the rows as in ``_bwd_reduce``."""
+    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
+    c_ok = offs_c < C
+    mean_dbeta, mean_dgamma = _training_means(DBETA, DGAMMA, offs_c, c_ok, inv_count, TRAINING, BLOCK_C)
+    wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
+    bn = _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL)
+    for w0 in range(0, WO, BLOCK_W):
+        wo = w0 + tl.arange(0, BLOCK_W)
+        w_ok = wo < WO
+        ok = w_ok[:, None] & c_ok[None, :]
+        dz_strip = (DZ + b * sdz_b) + (offs_c[None, :] * sdz_c + (wo * sdz_w)[:, None])
+        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                                                 STRIDE, BLOCK_W, BLOCK_C)
+        for ho in range(0, HO):
+            z, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
+                                               sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            dz = _dz_at(z, bn, DY, b, ho, wo, w_ok, offs_c, c_ok, mean_dbeta, mean_dgamma,
+                        sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL, TRAINING)
+            tl.store(dz_strip + ho * sdz_h, dz.to(DZ.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_dx_dw(X, WT, DZ, DX, DW_PARTIAL,
+               sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdz_b, sdz_c, sdz_h, sdz_w, sdx_b, sdx_c, sdx_h, sdx_w,
+               C, H, W, HO, WO,
+               STRIDE: tl.constexpr, BLOCK_WO: tl.constexpr, BLOCK_WI: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx (the transposed depthwise conv of dz) and d(weight)'s per-image partials from DZ, a
+    whole image row at a time, as ``_bwd_dx_rows`` does but reading dz instead of computing it:
+    no conv, no BatchNorm, no exchange between threads. Rows must fit a tile: BLOCK_WO >= WO,
+    BLOCK_WI >= W."""
+    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
+    c_ok = offs_c < C
+    wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
+    wo = tl.arange(0, BLOCK_WO)
+    wo_ok = wo < WO
+    wi = tl.arange(0, BLOCK_WI)
+    wi_ok = wi < W
+    dz_image = (DZ + b * sdz_b) + offs_c * sdz_c  # [BLOCK_C] channel pointers of image b
+    dz_ok = wo_ok[:, None] & c_ok[None, :]
+    dx_strip = (DX + b * sdx_b) + (offs_c[None, :] * sdx_c + (wi * sdx_w)[:, None])
+    dx_ok = wi_ok[:, None] & c_ok[None, :]
+    wi_row = tl.zeros_like(wi)  # + a row index: a row condition as a vector (the interpreter's masks need one)
+    zero = tl.zeros([BLOCK_WO, BLOCK_C], tl.float32)
+    dw0, dw1, dw2, dw3, dw4, dw5, dw6, dw7, dw8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    dx_a = tl.zeros([BLOCK_WI, BLOCK_C], tl.float32)
+    dx_b = tl.zeros([BLOCK_WI, BLOCK_C], tl.float32)
+    # The x under each tap of output row ho, for d(weight): kernel row 0 (u*), 1 (v*), 2 (x*);
+    # with stride 1 each input row is loaded once and carried through the three.
+    u0, u1, u2 = zero, zero, zero
+    v0, v1, v2 = zero, zero, zero
     if STRIDE == 1:
-        last = HO - 1
-    else:
-        last = 2 * HO - 1
-    tl.store(dx_strip + last * sdx_h, dx_a.to(DX.dtype.element_ty), mask=dx_ok & (wi_row + last < H)[:, None])
-    base = DW_PARTIAL + (b * C + offs_c) * 9
-    tl.store(base + 0, tl.sum(dw0, 0), mask=c_ok)
-    tl.store(base + 1, tl.sum(dw1, 0), mask=c_ok)
-    tl.store(base + 2, tl.sum(dw2, 0), mask=c_ok)
-    tl.store(base + 3, tl.sum(dw3, 0), mask=c_ok)
-    tl.store(base + 4, tl.sum(dw4, 0), mask=c_ok)
-    tl.store(base + 5, tl.sum(dw5, 0), mask=c_ok)
-    tl.store(base + 6, tl.sum(dw6, 0), mask=c_ok)
-    tl.store(base + 7, tl.sum(dw7, 0), mask=c_ok)
-    tl.store(base + 8, tl.sum(dw8, 0), mask=c_ok)
+        v0, v1, v2 = _row_taps(X, b, 0, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+    for ho in range(0, HO):
+        if STRIDE == 1:
+            x0, x1, x2 = _row_taps(X, b, ho + 1, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        else:
+            v0, v1, v2 = _row_taps(X, b, 2 * ho, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+            x0, x1, x2 = _row_taps(X, b, 2 * ho + 1, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        dz_row = dz_image + ho * sdz_h
+        dz = tl.load(dz_row[None, :] + (wo * sdz_w)[:, None], mask=dz_ok, other=0.0).to(tl.float32)
+        dw0, dw1, dw2 = dw0 + dz * u0, dw1 + dz * u1, dw2 + dz * u2
+        dw3, dw4, dw5 = dw3 + dz * v0, dw4 + dz * v1, dw5 + dz * v2
+        dw6, dw7, dw8 = dw6 + dz * x0, dw7 + dz * x1, dw8 + dz * x2
+        if STRIDE == 1:
+            u0, u1, u2 = v0, v1, v2
+            v0, v1, v2 = x0, x1, x2
+        else:
+            u0, u1, u2 = x0, x1, x2
+        d0, d1, d2 = _dz_cols(DZ + b * sdz_b + ho * sdz_h, sdz_w, offs_c * sdz_c, c_ok, wi, wi_ok, WO, STRIDE)
+        dx_a, dx_b = _dx_rows_take(dx_a, dx_b, d0, d1, d2, wts, dx_strip, ho, sdx_h, dx_ok, wi_row,
+                                   STRIDE, BLOCK_WI, BLOCK_C)
+    _dx_rows_finish(dx_a, dx_strip, H, HO, sdx_h, dx_ok, wi_row, STRIDE)
+    _dw_store(DW_PARTIAL, b, C, offs_c, c_ok, dw0, dw1, dw2, dw3, dw4, dw5, dw6, dw7, dw8)
 
 
 def ring_rows(height: int, width: int, stride: int, block_p: int) -> int:
@@ -556,10 +678,36 @@ def _row_blocks(x: torch.Tensor, channels: int, width_out: int):
     return block_w, block_c, max(1, block_w * block_c // 256)
 
 
-# Widest input row the row backward (``_bwd_dx_rows``) takes: it holds a whole row in a tile.
-# Wider images (none in CoAtNet, whose widest depthwise input has 112 columns) take ``_bwd_dx``,
-# which walks flattened chunks through a ring of dz rows. Tests set it to 0 to run ``_bwd_dx``.
+# Widest input row the row backwards (``_bwd_dx_dw``, ``_bwd_dx_rows``) take: they hold a whole
+# row in a tile. Wider images (none in CoAtNet, whose widest depthwise input has 112 columns) take
+# ``_bwd_dx``, which walks flattened chunks through a ring of dz rows. Tests set it to 0 to run
+# ``_bwd_dx``.
 ROW_BACKWARD_MAX_WIDTH = 256
+# How the backward gets dz (the gradient at the conv output) to dx and d(weight), for rows up to
+# ROW_BACKWARD_MAX_WIDTH:
+# - "memory": ``_bwd_dz`` writes dz as a [B, C, HO, WO] tensor (x's dtype at bf16, else fp32)
+#   and ``_bwd_dx_dw`` reads it: one more pass over memory, and no exchange between threads;
+# - "scratch": ``_bwd_dx_rows`` recomputes dz a row at a time into a two-row scratch per
+#   program and takes dx from it after a barrier, holding d(weight)'s sums beside the conv's.
+# "memory" is the default: on an H200 (bench/results/dwconv_bn_gelu_h200.json) the scratch
+# backward, one 8-warp program an SM (217 registers) waiting on a barrier every row, took about
+# 4 ms of a CoAtNet S1 step's 4.8, where its bytes need 0.2.
+DZ_PATH = "memory"
+
+
+def _dz_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
+    """(BLOCK_WO, BLOCK_WI, BLOCK_C, num_warps) of ``_bwd_dx_dw``: whole rows as in
+    ``_bwd_row_blocks``, the wider row tile 512 elements at four a thread (4 warps), so that
+    several programs share an SM. ``FORCED_ROW_BACKWARD_TILES`` overrides the channel block and
+    warps here too."""
+    block_wo, block_wi = triton.next_power_of_2(width_out), triton.next_power_of_2(width)
+    if FORCED_ROW_BACKWARD_TILES is not None:
+        return (block_wo, block_wi) + tuple(FORCED_ROW_BACKWARD_TILES)
+    widest = max(block_wo, block_wi)
+    if x.device.type == "cpu":
+        return block_wo, block_wi, min(64, max(4, triton.next_power_of_2(channels))), 4
+    block_c = min(max(4, triton.next_power_of_2(channels)), max(4, 512 // widest))
+    return block_wo, block_wi, block_c, max(1, widest * block_c // 128)
 
 
 def _bwd_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
@@ -682,9 +830,26 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
     dx = _out_like(caller_x, x.shape)
     inv_count = 1.0 / max(1, batch * ho * wo)  # eval allows an empty batch
-    # dz, the gradient at the conv output, never makes a round trip through memory as a
-    # [B, C, HO, WO] tensor: it lives in each program's two-row scratch (or ring of rows).
-    if width <= ROW_BACKWARD_MAX_WIDTH:
+    if width <= ROW_BACKWARD_MAX_WIDTH and DZ_PATH == "memory":
+        # dz through memory: bf16 keeps fp32's range (fp16's would not hold a scaled loss's
+        # gradients), and cuDNN's BatchNorm backward rounds the conv's incoming gradient so too.
+        dz = _out_like(caller_x, (batch, channels, ho, wo), x.dtype if x.dtype == torch.bfloat16 else torch.float32)
+        block_w, block_c, warps = _row_blocks(x, channels, wo)
+        _bwd_dz[(image_channel_grid(batch, channels, block_c),)](
+            x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
+            channels, height, width, ho, wo, 1.0, inv_count,
+            STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_W=block_w, BLOCK_C=block_c,
+            num_warps=warps,
+        )
+        block_wo, block_wi, block_c, warps = _dz_row_blocks(x, channels, width, wo)
+        _bwd_dx_dw[(image_channel_grid(batch, channels, block_c),)](
+            x, taps, dz, dx, dw_partial, *x.stride(), *tap_strides, *dz.stride(), *dx.stride(),
+            channels, height, width, ho, wo,
+            STRIDE=stride, BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c, num_warps=warps,
+        )
+    elif width <= ROW_BACKWARD_MAX_WIDTH:
+        # dz never makes a round trip through memory as a [B, C, HO, WO] tensor: it lives in
+        # each program's two-row scratch (or, wider images below, ring of rows).
         block_wo, block_wi, block_c, warps = _bwd_row_blocks(x, channels, width, wo)
         grid = (image_channel_grid(batch, channels, block_c),)
         scratch = torch.empty((grid[0], 2, block_wo, block_c), dtype=torch.float32, device=x.device)

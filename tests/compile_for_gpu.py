@@ -46,6 +46,8 @@ def signature(kernel, act, constexprs):
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name == "DZ":  # the backward's dz through memory: bf16 at bf16, else fp32 (see backward)
+            sig[name] = "*bf16" if act == "bf16" else "*fp32"
         elif name.isupper() and name not in SIZES:
             sig[name] = "*fp32" if name in FP32_POINTERS else f"*{act}"
         else:
@@ -190,6 +192,9 @@ def cases():
                     yield (dw._bwd_dx_rows, act, dict(BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c,
                                                       STRIDE=stride, HAS_DPOOL=False, TRAINING=True),
                            dict(num_warps=row_warps), layout)
+                    block_wo, block_wi, block_c, row_warps = dw._dz_row_blocks(odd, channels, width, width_out)
+                    yield (dw._bwd_dx_dw, act, dict(BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c,
+                                                    STRIDE=stride), dict(num_warps=row_warps), layout)
                     block_w, block_c, row_warps = dw._row_blocks(odd, channels, width_out)
                     yield (dw._apply, act, dict(BLOCK_W=block_w, BLOCK_C=block_c, STRIDE=stride, HAS_SCALE=True,
                                                 HAS_POOL=True), dict(num_warps=row_warps), layout)
@@ -200,11 +205,16 @@ def cases():
                         yield (dw._bwd_dx_rows, act,
                                dict(BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c, STRIDE=stride,
                                     HAS_DPOOL=not flag, TRAINING=flag), dict(num_warps=row_warps), layout)
+                    block_wo, block_wi, block_c, row_warps = dw._dz_row_blocks(x, 384, width_out * stride, width_out)
+                    yield (dw._bwd_dx_dw, act, dict(BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c,
+                                                    STRIDE=stride), dict(num_warps=row_warps), layout)
                 for row, rw in row_tiles:
                     yield dw._stats, act, dict(row, STRIDE=stride), rw, layout
                     for flag in (True, False):
                         yield dw._apply, act, dict(row, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), rw, layout
                         yield dw._bwd_reduce, act, dict(row, STRIDE=stride, HAS_DPOOL=flag), rw, layout
+                        yield (dw._bwd_dz, act, dict(row, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), rw,
+                               layout)
             block_p, block_c, warps = bna._blocks(x, 384)
             tiles, w = dict(BLOCK_P=block_p, BLOCK_C=block_c), dict(num_warps=warps)
             yield bna._stats, act, tiles, w, layout

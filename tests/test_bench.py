@@ -350,9 +350,13 @@ def test_bench_dispatch_overhead_smoke(tmp_path):
     out = tmp_path / "overhead.json"
     assert bench_dispatch_overhead.main(["--smoke", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [r["op"] for r in rows] == ["rel_bias_attention", "dwconv_bn_gelu (train)"]
-    for r in rows:
+    fused = ["rel_bias_attention", "dwconv_bn_gelu (train)", "batch_norm_act (train)", "batch_norm_act (eval)"]
+    eager = ["eager BatchNorm2d + GELU (train)", "eager BatchNorm2d + GELU (eval)"]
+    assert [r["op"] for r in rows] == fused + eager
+    for r in rows[:len(fused)]:
         assert all(r[f"{path}_{mode}_us"] > 0 for path in ("custom_op", "autograd_function") for mode in ("fwd", "fwd_bwd"))
+    for r in rows[len(fused):]:
+        assert r["eager_fwd_us"] > 0 and r["eager_fwd_bwd_us"] > 0
     # The stubs and the fast-path switch are put back.
     assert attn_kernels.rel_bias_attention_fwd is launcher and dispatch.eager_fast_path.__module__ == dispatch.__name__
 
@@ -421,10 +425,33 @@ def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     out = tmp_path / "dw.json"
-    assert bench_dwconv_bn_gelu.main(["--smoke", "--modes", "train", "--tiles", "16x16x2", "--out", str(out)]) == 0
+    launches = []
+    real = {name: getattr(kernels, name) for name in ("_bwd_dx_dw", "_bwd_dx_rows", "_bwd_dx")}
+
+    class Counted:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            launches.append((self.name, kernels.FORCED_ROW_BACKWARD_TILES))
+            return real[self.name][grid]
+
+    for name in real:
+        setattr(kernels, name, Counted(name))
+    try:
+        assert bench_dwconv_bn_gelu.main(["--smoke", "--modes", "train", "--tiles", "16x16x2", "--variants",
+                                          "scratch,flattened,bwd8x2", "--out", str(out)]) == 0
+    finally:
+        for name, kernel in real.items():
+            setattr(kernels, name, kernel)
     rows = json.loads(out.read_text())["results"]
-    assert {r["provider"] for r in rows} >= {"triton", "triton@16x16x2"}
+    assert {r["provider"] for r in rows} >= {"triton", "triton@16x16x2", "triton@scratch", "triton@flattened",
+                                             "triton@bwd8x2"}
     assert all(r["correct"] for r in rows if "correct" in r) and kernels.FORCED_TILES is None
+    assert kernels.DZ_PATH == "memory" and kernels.ROW_BACKWARD_MAX_WIDTH == 256
+    assert kernels.FORCED_ROW_BACKWARD_TILES is None
+    # each variant's backward ran its kernel (the forced row tiles with it)
+    assert {("_bwd_dx_rows", None), ("_bwd_dx", None), ("_bwd_dx_dw", (8, 2)), ("_bwd_dx_dw", None)} <= set(launches)
 
 
 def test_a_provider_can_leave_one_fusion_on_eager():
@@ -440,9 +467,13 @@ def test_a_provider_can_leave_one_fusion_on_eager():
         assert {m.backend for m in net.modules() if isinstance(m, ConvBN)} == {"eager"}
     net, _ = benchmark.build("backend:triton:no-se-gate", "coatnet_0", settings)
     assert all(not m.se_gate_in_projection for m in net.modules() if isinstance(m, MBConv))
+    assert not any(m.fused_in_training for m in net.modules() if isinstance(m, ConvBN))
+    net, _ = benchmark.build("backend:triton:compile:no-se-gate:train-batch_norm_act", "coatnet_0", settings)
+    assert all(m.fused_in_training for m in net.modules() if isinstance(m, ConvBN))
     for bad, message in (("backend:triton:no-nope", "unknown op 'nope'"),
                          ("backend:triton:fast", "unknown provider"),
-                         ("backend:triton:no-batch_norm_act:compile", "unknown provider")):
+                         ("backend:triton:no-batch_norm_act:compile", "unknown provider"),
+                         ("backend:triton:no-train-batch_norm_act", "unknown op 'train-batch_norm_act'")):
         with pytest.raises(benchmark.ProviderError, match=message):
             benchmark.parse_provider(bad)
 
@@ -460,9 +491,10 @@ def test_bench_saved_memory_counts_what_autograd_keeps(tmp_path):
     assert rows["eager"]["saved_bytes"] > 0 and rows["eager"]["fraction_of_eager"] == 1.0
     assert sum(rows["eager"]["by_module_type_gib"].values()) == pytest.approx(rows["eager"]["saved_gib"])
     if dispatch.triton_available() is None:
+        fused = "backend:triton:train-batch_norm_act"
         order = ["eager", "backend:triton:no-dwconv_bn_gelu:no-batch_norm_act",
-                 "backend:triton:no-batch_norm_act:no-se-gate", "backend:triton:no-batch_norm_act", "backend:triton"]
+                 "backend:triton:no-batch_norm_act:no-se-gate", "backend:triton", fused]
         saved = [rows[p]["saved_bytes"] for p in order]
         assert saved == sorted(saved, reverse=True) and len(set(saved)) == len(order), saved
-        assert rows["backend:triton:no-se-gate"]["saved_bytes"] > rows["backend:triton"]["saved_bytes"]
-        assert "ConvBN" in rows["backend:triton"]["by_module_type_gib"]
+        assert rows["backend:triton:no-se-gate:train-batch_norm_act"]["saved_bytes"] > rows[fused]["saved_bytes"]
+        assert "ConvBN" in rows[fused]["by_module_type_gib"]

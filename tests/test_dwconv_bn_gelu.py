@@ -395,19 +395,32 @@ def test_module_momentum_none_over_steps(backend, device):
 TRITON_TILES = [(16, 64, 4), (64, 16, 4), (64, 64, 4), (128, 16, 4), (32, 64, 8), (16, 16, 2), (4, 32, 1)]
 
 
+def use_backward(kernels, monkeypatch, backward):
+    """Send the Triton backward down one of its paths: dz through memory (the default), dz in
+    a per-program scratch of two rows, or the flattened kernel's ring."""
+    if backward == "scratch":
+        monkeypatch.setattr(kernels, "DZ_PATH", "scratch")
+    elif backward == "flattened":
+        monkeypatch.setattr(kernels, "ROW_BACKWARD_MAX_WIDTH", 0)
+    else:
+        assert backward == "memory" and kernels.DZ_PATH == "memory"
+
+
+BACKWARD_PATHS = ["memory", "scratch", "flattened"]
+
+
 @pytest.mark.parametrize("tiles", TRITON_TILES, ids=lambda t: "x".join(map(str, t)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("backward", ["rows", "flattened"])
+@pytest.mark.parametrize("backward", BACKWARD_PATHS)
 def test_triton_every_tile_choice(tiles, channels_last, backward, device, monkeypatch):
     """The tiles benchmarks may force (FORCED_TILES), defaults included: one image walked in
     several chunks (several strips for the row kernels), more than one channel block, both
-    strides, train (both passes) and eval; with the backward on either kernel."""
+    strides, train (both passes) and eval; with the backward down each of its paths."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     monkeypatch.setattr(kernels, "FORCED_TILES", tiles)
     monkeypatch.setattr(kernels, "FORCED_ROW_BACKWARD_TILES", tiles[1:])
-    if backward == "flattened":
-        monkeypatch.setattr(kernels, "ROW_BACKWARD_MAX_WIDTH", 0)
+    use_backward(kernels, monkeypatch, backward)
     for stride, training in ((1, True), (2, True), (2, False)):
         check("triton", (2, 21, 9, 7), stride, training, channels_last, torch.float32, device)
 
@@ -469,19 +482,19 @@ def test_triton_backward_ring_wraps(tiles, shape, stride, training, channels_las
     check("triton", shape, stride, training, channels_last, torch.float32, device)
 
 
-@pytest.mark.parametrize("backward", ["rows", "flattened"])
+@pytest.mark.parametrize("backward", BACKWARD_PATHS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_triton_backward_allocates_no_activation_sized_intermediate(stride, backward, device, monkeypatch):
-    """The backward's only activation-sized allocation is dx: dz (the gradient at the conv
-    output) stays in each program's scratch: two rows ([2, 64 or 32, 16] here, for a 24x56
-    image of one 16-channel block) for the row kernel; for the flattened one a ring of 256
-    (stride 1) or 128 rows of 16 channels."""
+def test_triton_backward_allocations(stride, backward, device, monkeypatch):
+    """What the backward allocates past per-channel values: dx, and dz (the gradient at the
+    conv output) either as one [B, C, HO, WO] tensor (through memory, fp32 here) or in each
+    program's scratch: two rows ([2, 64 or 32, 16] here, for a 24x56 image of one 16-channel
+    block) for the row kernel; for the flattened one a ring of 256 (stride 1) or 128 rows of 16
+    channels."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     monkeypatch.setattr(kernels, "FORCED_TILES", (16, 16, 2))
     monkeypatch.setattr(kernels, "FORCED_ROW_BACKWARD_TILES", (16, 2))
-    if backward == "flattened":
-        monkeypatch.setattr(kernels, "ROW_BACKWARD_MAX_WIDTH", 0)
+    use_backward(kernels, monkeypatch, backward)
     x = torch.randn(1, 16, 24, 56, device=device)
     if _refused("triton", x):
         return
@@ -501,7 +514,10 @@ def test_triton_backward_allocates_no_activation_sized_intermediate(stride, back
     monkeypatch.setattr(torch, "empty", empty)
     dx, = torch.autograd.grad(out, x, torch.randn_like(out))
     monkeypatch.undo()
-    if backward == "rows":  # whole output rows, 56 or 28 columns padded to 64 or 32
+    if backward == "memory":
+        assert sorted(allocated)[-2:] == sorted([out.numel(), x.numel()]), allocated  # dz and dx
+        return
+    if backward == "scratch":  # whole output rows, 56 or 28 columns padded to 64 or 32
         scratch = 2 * (1 << (out.shape[3] - 1).bit_length()) * 16
     else:
         scratch = kernels.ring_rows(24, 56, stride, 16) * 16
@@ -522,14 +538,17 @@ def test_triton_one_and_two_row_or_column_images(channels_last, device):
                 check("triton", (2, 5, h, w), stride, training, channels_last, torch.float32, device)
 
 
-@pytest.mark.parametrize("width, kernel", [(56, "_bwd_dx_rows"), (256, "_bwd_dx_rows"), (257, "_bwd_dx"),
-                                           (300, "_bwd_dx")])
-def test_triton_backward_kernel_by_width(width, kernel, device, monkeypatch):
-    """Rows up to ROW_BACKWARD_MAX_WIDTH input columns take the row backward; wider ones the
-    flattened kernel (counted launches), and both match the reference."""
+@pytest.mark.parametrize("width, path, kernels_run", [
+    (56, "memory", ("_bwd_dz", "_bwd_dx_dw")), (256, "memory", ("_bwd_dz", "_bwd_dx_dw")),
+    (257, "memory", ("_bwd_dx",)), (300, "memory", ("_bwd_dx",)),
+    (256, "scratch", ("_bwd_dx_rows",)), (257, "scratch", ("_bwd_dx",))])
+def test_triton_backward_kernel_by_width(width, path, kernels_run, device, monkeypatch):
+    """Rows up to ROW_BACKWARD_MAX_WIDTH input columns take a row backward (dz through memory
+    by default, or DZ_PATH "scratch"); wider ones the flattened kernel (counted launches), and
+    each matches the reference."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
-    launches = {"_bwd_dx_rows": 0, "_bwd_dx": 0}
+    launches = {"_bwd_dz": 0, "_bwd_dx_dw": 0, "_bwd_dx_rows": 0, "_bwd_dx": 0}
 
     class Counted:
         def __init__(self, name):
@@ -543,10 +562,11 @@ def test_triton_backward_kernel_by_width(width, kernel, device, monkeypatch):
         return
     for name in launches:
         monkeypatch.setattr(kernels, name, Counted(name))
-    assert kernels.ROW_BACKWARD_MAX_WIDTH == 256
+    assert kernels.ROW_BACKWARD_MAX_WIDTH == 256 and kernels.DZ_PATH == "memory"
+    monkeypatch.setattr(kernels, "DZ_PATH", path)
     for stride in (1, 2):
         check("triton", (1, 3, 2, width), stride, True, True, torch.float32, device)
-    assert launches[kernel] == 2 and sum(launches.values()) == 2, launches
+    assert launches == {name: 2 if name in kernels_run else 0 for name in launches}, launches
 
 
 def test_triton_gpu_tiles_keep_eight_elements_a_thread():

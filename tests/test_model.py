@@ -12,7 +12,7 @@ import coatnet_fast
 import seed_coatnet
 from coatnet_fast import CoAtNet, create_model, list_models, set_backend
 from coatnet_fast.ops import dispatch
-from coatnet_fast.models import Attention, MBConv
+from coatnet_fast.models import Attention, ConvBN, MBConv
 from coatnet_fast.ops.rel_bias_attention import supported_reasons, table_rows
 from reference import rel_bias_attention_reference, relative_error
 
@@ -290,14 +290,42 @@ def test_torch_compile_traces_the_model_without_graph_breaks(backend, mode, devi
             assert relative_error(p.grad, params[name].grad) < 1e-4, name
 
 
+def assert_output_and_input_grad_match(out, expected, x_fused, x):
+    """The outputs (1e-5), then both backward from one random gradient and the inputs' (1e-4)."""
+    assert relative_error(out, expected) < 1e-5
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    assert relative_error(x_fused.grad, x.grad) < 1e-4
+
+
+def assert_grads_and_buffers_match(fused, reference):
+    """Every parameter's gradient (1e-4) and every buffer, running statistics included (1e-5)."""
+    params = dict(reference.named_parameters())
+    for name, p in fused.named_parameters():
+        assert relative_error(p.grad, params[name].grad) < 1e-4, name
+    buffers = dict(reference.named_buffers())
+    for name, b in fused.named_buffers():
+        assert relative_error(b.float(), buffers[name].float()) < 1e-5, name
+
+
+def fused_in_training(model):
+    """``model`` with its ConvBN blocks fused in training too (by default they are in eval only)."""
+    for module in model.modules():
+        if isinstance(module, ConvBN):
+            module.fused_in_training = True
+    return model
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_model_on_fused_backend_matches_eager(backend, device):
-    """Train (3 steps: outputs, every gradient, BN statistics) and eval, fp32, same weights."""
+    """Train (3 steps: outputs, every gradient, BN statistics) and eval, fp32, same weights;
+    every fused op in both (ConvBN's in training too, ``fused_in_training``)."""
     ops = _fused_ops(backend, device)
     if not ops:
         return  # this backend takes none of the model's ops on this device (see _fused_ops)
     reference = randomize(CoAtNet(image_size=(64, 96), **SMALL)).to(device)
-    fused = set_backend(copy.deepcopy(reference), backend, ops)
+    fused = fused_in_training(set_backend(copy.deepcopy(reference), backend, ops))
     for step in range(3):
         x = torch.randn(2, 3, 64, 96, device=device)
         out, expected = fused(x), reference(x)
@@ -332,7 +360,7 @@ def test_fused_model_runs_channels_last_end_to_end(backend, device, monkeypatch)
     if not ops:
         return  # this backend takes none of the model's ops on this device (see _fused_ops)
     reference = randomize(CoAtNet(image_size=(64, 64), **SMALL)).to(device)
-    fused = set_backend(copy.deepcopy(reference), backend, ops).to(memory_format=torch.channels_last)
+    fused = fused_in_training(set_backend(copy.deepcopy(reference), backend, ops)).to(memory_format=torch.channels_last)
     not_channels_last = []
 
     def check(where, t):
@@ -439,7 +467,7 @@ def test_mbconv_fuses_the_projection_residual_and_drop_path(backend, monkeypatch
                         dispatch.OpBackend(entry.op, backend, spy, entry.available, entry.reasons))
     for downsample in (True, False):
         block = randomize(MBConv(12, 12, (8, 8), downsample=downsample, drop_path_rate=0.5)).to(device)
-        fused = set_backend(copy.deepcopy(block), backend, ["batch_norm_act"])
+        fused = fused_in_training(set_backend(copy.deepcopy(block), backend, ["batch_norm_act"]))
         x = torch.randn(8, 12, 16 if downsample else 8, 16 if downsample else 8, device=device)
         x_fused = x.clone().requires_grad_(True)
         x.requires_grad_(True)
@@ -449,17 +477,42 @@ def test_mbconv_fuses_the_projection_residual_and_drop_path(backend, monkeypatch
         calls.clear()
         out = fused(x_fused)
         assert calls == [("gelu", False, False), ("identity", True, True)]
-        assert relative_error(out, expected) < 1e-5
-        grad_out = torch.randn_like(out)
-        out.backward(grad_out)
-        expected.backward(grad_out)
-        assert relative_error(x_fused.grad, x.grad) < 1e-4
-        params = dict(block.named_parameters())
-        for name, p in fused.named_parameters():
-            assert relative_error(p.grad, params[name].grad) < 1e-4, name
-        buffers = dict(block.named_buffers())
-        for name, b in fused.named_buffers():
-            assert relative_error(b.float(), buffers[name].float()) < 1e-5, name
+        assert_output_and_input_grad_match(out, expected, x_fused, x)
+        assert_grads_and_buffers_match(fused, block)
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if not dispatch.why_not("batch_norm_act", b)])
+def test_conv_bn_blocks_fuse_in_eval_and_in_training_only_when_asked(backend, monkeypatch):
+    """By default a fused backend's ConvBN blocks (stem, MBConv expand and projection) call
+    batch_norm_act in eval and run the seed's modules in training (measured faster on an H200,
+    see ConvBN.fused_in_training); with fused_in_training they call it in both. Each way the
+    block matches eager: output, gradients and running statistics."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = []
+    entry = dispatch._TABLE["batch_norm_act"][backend]
+
+    def spy(*args):
+        calls.append(args[5])  # training
+        return entry.impl(*args)
+
+    monkeypatch.setitem(dispatch._TABLE["batch_norm_act"], backend,
+                        dispatch.OpBackend(entry.op, backend, spy, entry.available, entry.reasons))
+    block = randomize(MBConv(12, 12, (8, 8), downsample=False)).to(device)
+    for fuse_training in (False, True):
+        fused = set_backend(copy.deepcopy(block), backend, ["batch_norm_act"])
+        if fuse_training:
+            fused_in_training(fused)
+        expected_block = copy.deepcopy(block)
+        for training in (True, False):
+            fused.train(training), expected_block.train(training)
+            x = torch.randn(4, 12, 8, 8, device=device)
+            x_fused = x.clone().requires_grad_(True)
+            x.requires_grad_(True)
+            calls.clear()
+            out, expected = fused(x_fused), expected_block(x)
+            assert calls == ([training, training] if fuse_training or not training else []), (fuse_training, training)
+            assert_output_and_input_grad_match(out, expected, x_fused, x)
+        assert_grads_and_buffers_match(fused, expected_block)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -493,7 +546,7 @@ def test_fused_mbconv_keeps_no_gated_activation_for_the_backward():
     if dispatch.why_not("dwconv_bn_gelu", "triton") or dispatch.why_not("batch_norm_act", "triton"):
         assert not torch.cuda.is_available()
         return  # no Triton here (nor its interpreter): nothing fused to check
-    fused = set_backend(copy.deepcopy(block), "triton")
+    fused = fused_in_training(set_backend(copy.deepcopy(block), "triton"))
     x = torch.randn(2, 8, 6, 6)
     hidden = (2, 32, 6, 6)
 

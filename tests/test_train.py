@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from coatnet_fast import cli, data, get_backend, set_backend
+from coatnet_fast.models import ConvBN
 from coatnet_fast import train as T
 from coatnet_fast.ops import dispatch
 
@@ -355,8 +356,9 @@ FUSED_BACKENDS = [b for b in dispatch.BACKENDS
                   if b != "eager" and any(not dispatch.why_not(op, b) for op in dispatch.ops())]
 
 
-def _train_steps(backend):
-    """PARITY_STEPS AdamW steps, fp32, same seed and data for every backend. Returns the losses,
+def _train_steps(backend, conv_bn_in_training=False):
+    """PARITY_STEPS AdamW steps, fp32, same seed and data for every backend (with
+    ``conv_bn_in_training``, ConvBN's batch_norm_act in training too). Returns the losses,
     the final state dict, and (for the reference) which parameter elements never had a nonzero
     gradient."""
     x, y = (t.to(PARITY_DEVICE) for t in data.digits("train").tensors)
@@ -366,6 +368,9 @@ def _train_steps(backend):
     ops = [op for op in dispatch.ops() if not dispatch.why_not(op, backend)]
     set_backend(model, backend, ops=ops)
     assert get_backend(model) == backend
+    for module in model.modules():
+        if isinstance(module, ConvBN):
+            module.fused_in_training = conv_bn_in_training
     model.train()
     opt = T.build_optimizer(model, lr=3e-3, weight_decay=0.05)
     sched = T.build_scheduler(opt, warmup_steps=5, total_steps=PARITY_STEPS)
@@ -392,10 +397,13 @@ def test_parity_covers_every_fused_backend_here():
     assert FUSED_BACKENDS, "no fused backend is usable here: nothing to compare with eager"
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_training_parity_with_eager(backend, eager_run):
+@pytest.mark.parametrize("backend, conv_bn_in_training",
+                         [(b, False) for b in FUSED_BACKENDS]
+                         + [(b, True) for b in FUSED_BACKENDS if not dispatch.why_not("batch_norm_act", b)],
+                         ids=lambda v: {False: "default", True: "conv-bn-fused-in-training"}.get(v, v))
+def test_training_parity_with_eager(backend, conv_bn_in_training, eager_run):
     ref_losses, ref_state, dead = eager_run
-    losses, state, _ = _train_steps(backend)
+    losses, state, _ = _train_steps(backend, conv_bn_in_training)
     assert len(losses) == PARITY_STEPS
     for step, (a, b) in enumerate(zip(losses, ref_losses)):
         assert abs(a - b) <= LOSS_RTOL * abs(b), f"step {step}: loss {a} vs eager {b}"

@@ -93,9 +93,17 @@ class ConvBN(_FusedBNSequential):
     """The seed's Sequential(Conv2d, BatchNorm2d[, GELU]): the stem's 3x3 layers (``conv_3x3_bn``),
     MBConv's ``expand_conv`` (1x1, GELU) and ``pro_conv`` (1x1, no GELU). cuDNN's conv, then
     BatchNorm, the GELU when there is one, and optionally the block's residual add, as one op
-    (``batch_norm_act``)."""
+    (``batch_norm_act``): in eval always, in training only where ``fused_in_training`` says so
+    (else the seed's modules, the scale and the add, as on eager)."""
 
     fused_op = "batch_norm_act"
+    # Whether a training step runs the fused op too (eval always does, where a fused backend is
+    # set). Off by default because a measurement says so: CoAtNet-0's training step on an H200
+    # (batch 128, bf16, channels_last; bench/results/model_backends_h200.json) ran at 2,009
+    # images/s with these blocks fused and 2,884 with them on cuDNN's BatchNorm and eager GELU,
+    # while inference gained from them (10,449 against 9,130). Set it per module (or the
+    # benchmark's ``train-batch_norm_act`` provider option) to train through the fused op.
+    fused_in_training: bool = False
 
     def __init__(self, in_c: int, out_c: int, kernel_size: int = 1, stride: int = 1, gelu: bool = True,
                  backend: str = "eager"):
@@ -127,7 +135,7 @@ class ConvBN(_FusedBNSequential):
     def _normalise(self, z, residual, branch_scale):
         """The children after the conv, then the scale and the residual: fused where the op
         computes exactly that, else module by module."""
-        if self.backend == "eager" or self._runs_as_modules():
+        if self.backend == "eager" or self._runs_as_modules() or (self[1].training and not self.fused_in_training):
             y = z
             for module in list(self)[1:]:  # the seed's BatchNorm (and GELU), then the block's drop_path and add
                 y = module(y)
