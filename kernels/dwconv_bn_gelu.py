@@ -697,9 +697,11 @@ DZ_PATH = "memory"
 
 def _dz_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
     """(BLOCK_WO, BLOCK_WI, BLOCK_C, num_warps) of ``_bwd_dx_dw``: whole rows as in
-    ``_bwd_row_blocks``, the wider row tile 512 elements at four a thread (4 warps), so that
-    several programs share an SM. ``FORCED_ROW_BACKWARD_TILES`` overrides the channel block and
-    warps here too."""
+    ``_bwd_row_blocks``, the wider row tile 512 elements at four a thread (4 warps) where the
+    channel block of at least 4 allows (rows of up to 128 columns; 256 take 1,024 elements at 8
+    warps; few channels, smaller tiles at fewer warps), so that several programs share an SM
+    (168 registers: three). ``FORCED_ROW_BACKWARD_TILES`` overrides the channel block and warps
+    here too."""
     block_wo, block_wi = triton.next_power_of_2(width_out), triton.next_power_of_2(width)
     if FORCED_ROW_BACKWARD_TILES is not None:
         return (block_wo, block_wi) + tuple(FORCED_ROW_BACKWARD_TILES)
@@ -834,7 +836,6 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
         # dz through memory: bf16 keeps fp32's range (fp16's would not hold a scaled loss's
         # gradients), and cuDNN's BatchNorm backward rounds the conv's incoming gradient so too.
         dz = _out_like(caller_x, (batch, channels, ho, wo), x.dtype if x.dtype == torch.bfloat16 else torch.float32)
-        block_w, block_c, warps = _row_blocks(x, channels, wo)
         _bwd_dz[(image_channel_grid(batch, channels, block_c),)](
             x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
             channels, height, width, ho, wo, 1.0, inv_count,

@@ -437,6 +437,7 @@ def test_module_matches_the_seed_modules_over_steps(backend, gelu, device):
     assert list(plain.state_dict()) == list(fused.state_dict())
     plain.load_state_dict(fused.state_dict())
     fused.backend = backend
+    fused.fused_in_training = True  # training steps through the op too (the model's default is eval only)
     if _refused(backend, torch.randn(2, 5, 3, 3, device=device)):
         return
     for step in range(4):
@@ -564,7 +565,8 @@ def test_variance_of_a_large_mean_channel_from_small_groups(backend, device):
 @pytest.mark.parametrize("backend", FUSED)
 def test_modules_the_op_does_not_compute_run_as_modules(backend, device, monkeypatch):
     """A swapped activation (tanh GELU) or a BatchNorm without affine parameters or running
-    statistics is not what batch_norm_act computes: those modules run themselves, and match."""
+    statistics is not what batch_norm_act computes: those modules run themselves, and match,
+    even where the block is fused in training (``fused_in_training``)."""
     from coatnet_fast.models import ConvBN
 
     if _refused(backend, torch.randn(2, 5, 3, 3, device=device)):
@@ -584,12 +586,12 @@ def test_modules_the_op_does_not_compute_run_as_modules(backend, device, monkeyp
         change(module)
         module.to(device)
         plain = torch.nn.Sequential(*[m for m in module]).to(device)
-        module.backend = backend
+        module.backend, module.fused_in_training = backend, True
         x = torch.randn(2, 6, 4, 4, device=device)
         assert torch.equal(module(x), plain(x)), name
     assert calls == []
     module = ConvBN(6, 5).to(device)
-    module.backend = backend
+    module.backend, module.fused_in_training = backend, True
     module(torch.randn(2, 6, 4, 4, device=device))
     assert calls == [1]
 
