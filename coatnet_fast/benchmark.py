@@ -305,7 +305,7 @@ def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]
 
 def build(provider: str, model: str, settings: dict) -> Tuple[torch.nn.Module, List[str]]:
     """The module a provider times, and the fused ops it routes to its backend."""
-    source, backend, _, excluded = _parse_provider(provider)
+    source, backend, _, options = _parse_provider(provider)  # ops and features left out, train-batch_norm_act
     if source == "timm":
         import timm
 
@@ -318,15 +318,15 @@ def build(provider: str, model: str, settings: dict) -> Tuple[torch.nn.Module, L
     if backend is None:
         return net, []
     # The ops this backend has kernels for; the others stay on eager.
-    ops = [op for op in dispatch.ops() if not dispatch.why_not(op, backend) and op not in excluded]
+    ops = [op for op in dispatch.ops() if not dispatch.why_not(op, backend) and op not in options]
     if not ops:
         why = "; ".join(f"{op}: {', '.join(dispatch.why_not(op, backend))}" for op in dispatch.ops())
         raise ProviderError(f"backend {backend!r} can run none of the fused ops here ({why})")
     set_backend(net, backend, ops)
     for module in net.modules():
-        if SE_GATE in excluded and isinstance(module, MBConv):
+        if SE_GATE in options and isinstance(module, MBConv):
             module.se_gate_in_projection = False
-        if TRAIN_BATCH_NORM_ACT in excluded and isinstance(module, ConvBN):
+        if TRAIN_BATCH_NORM_ACT in options and isinstance(module, ConvBN):
             module.fused_in_training = True
     return net, ops
 
