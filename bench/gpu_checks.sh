@@ -9,7 +9,7 @@
 #   model   the whole-model benchmark
 #   train   a short `coatnet-fast train` on the GPU defaults (bf16, channels_last)
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> STAGES="setup test" bash bench/gpu_checks.sh
-# STAGES defaults to all of them. One device call may run 600 s at most and a session has 900 s
+# STAGES defaults to all of them; OPS (attention dwconv batch_norm_act) narrows the ops stage. One device call may run 600 s at most and a session has 900 s
 # of device time, start-up included, so a session runs two calls on the warm machine (it is
 # given back after 30 s idle: have the second command ready), e.g. STAGES="setup ops" then
 # STAGES="profile model", with the stage limits below (or the *_TIMEOUT variables) keeping each
@@ -45,11 +45,17 @@ if stage test; then
   else pytest_args=(tests -k "cuda or offsets_past or strided_views or squeeze or projection_residual or image_folder_trains"); fi
   timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 fi
-if stage ops; then
+OPS=${OPS:-attention dwconv batch_norm_act}
+op() { [[ " $OPS " == *" $1 "* ]]; }
+if stage ops && op attention; then
   timeout "${ATTN_TIMEOUT:-200}" python3 bench/bench_rel_bias_attention.py ${ATTN_ARGS:---models coatnet_0 --dtypes bf16} --out "$OUT/rel_bias_attention_gpu.json" > "$OUT/bench_attention.txt" 2>&1 || status=1
   python3 bench/summarize.py "$OUT/rel_bias_attention_gpu.json"
+fi
+if stage ops && op dwconv; then
   timeout "${DW_TIMEOUT:-150}" python3 bench/bench_dwconv_bn_gelu.py ${DW_ARGS:---tiles 16x64x4 --variants scratch,bwd16x8,bwd4x2} --out "$OUT/dwconv_bn_gelu_gpu.json" > "$OUT/bench_dwconv.txt" 2>&1 || status=1
   python3 bench/summarize.py "$OUT/dwconv_bn_gelu_gpu.json"
+fi
+if stage ops && op batch_norm_act; then
   timeout "${BNA_TIMEOUT:-130}" python3 bench/bench_batch_norm_act.py ${BNA_ARGS:---tiles 64x64x4,64x64x8} --out "$OUT/batch_norm_act_gpu.json" > "$OUT/bench_batch_norm_act.txt" 2>&1 || status=1
   python3 bench/summarize.py "$OUT/batch_norm_act_gpu.json"
 fi
