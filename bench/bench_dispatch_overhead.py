@@ -37,18 +37,18 @@ STUBS = {
             torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(table)),
     },
     dw_kernels: {
-        "batch_stats": lambda x, weight, stride: (x.new_zeros(x.shape[1], dtype=torch.float32),
+        "batch_stats": lambda x, weight, stride, running=None: (x.new_zeros(x.shape[1], dtype=torch.float32),
                                                   x.new_ones(x.shape[1], dtype=torch.float32)),
-        "apply": lambda x, weight, scale, shift, stride, pool: (
+        "apply": lambda x, weight, mean, rstd, gamma, beta, stride, pool: (
             torch.empty_like(x), x.new_empty(x.shape[:2] if pool else (0,), dtype=torch.float32)),
         "backward": lambda dy, dpool, x, weight, gamma, beta, mean, rstd, stride, training: (
             torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32),
             gamma.new_empty(gamma.shape, dtype=torch.float32), beta.new_empty(beta.shape, dtype=torch.float32)),
     },
     bna_kernels: {
-        "batch_stats": lambda x: (x.new_zeros(x.shape[1], dtype=torch.float32),
+        "batch_stats": lambda x, running=None: (x.new_zeros(x.shape[1], dtype=torch.float32),
                                   x.new_ones(x.shape[1], dtype=torch.float32)),
-        "apply": lambda x, mean, scale, beta, gelu, residual, branch_scale, out_dtype: torch.empty_like(
+        "apply": lambda x, mean, rstd, gamma, beta, gelu, residual, branch_scale, out_dtype: torch.empty_like(
             x, dtype=out_dtype),
         "backward": lambda dy, x, gamma, beta, mean, rstd, gelu, branch_scale, training: (
             torch.empty_like(x), gamma.new_empty(gamma.shape, dtype=torch.float32),

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What a lent GPU session runs, results under $OUT, in stages:
 #   setup   nvidia-smi, install from the checkout, build the C++/CUDA extension, info, verify
+#   host    bench/bench_host_overhead.py: host time per call, real launches, tiny sizes (BASELINE: and
+#           another checkout's, on the same machine)
 #   test    the test suite's CUDA cases
 #   ops     the attention, depthwise-conv and batch_norm_act benchmarks (backward paths; tiles that
 #           ptxas compiles without spills, tests/compile_for_gpu.py --ptxas)
@@ -23,7 +25,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/coatnet_fast_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-setup test ops profile model train}
+STAGES=${STAGES:-setup host test ops profile model train}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export COATNET_FAST_COMMIT=${COATNET_FAST_COMMIT:-unknown}
 export MAX_JOBS=${MAX_JOBS:-16} COATNET_FAST_EXT_DIR=${COATNET_FAST_EXT_DIR:-$PWD/.ext_cache} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -38,6 +40,15 @@ if stage setup; then
   { time timeout "${EXT_TIMEOUT:-240}" python3 -m coatnet_fast build-ext --verbose; } > "$OUT/build_ext.txt" 2>&1 || { status=1; tail -60 "$OUT/build_ext.txt"; }
   grep -A12 "^built " "$OUT/build_ext.txt"
   { python3 -m coatnet_fast info && python3 -m coatnet_fast verify; } 2>&1 | tee "$OUT/verify.txt" || status=1
+fi
+if stage host; then
+  # Host time per call with real launches at tiny sizes (bench_host_overhead.py); with BASELINE
+  # (another checkout's root, e.g. the commit before a change), the same probe on its code too,
+  # on this machine: host speed differs between machines more than the changes do.
+  timeout "${HOST_TIMEOUT:-60}" python3 bench/bench_host_overhead.py ${HOST_ARGS:-} --out "$OUT/host_overhead_gpu.json" 2>&1 | tee "$OUT/host_overhead.txt" | grep -v "^    " || status=1
+  if [ -n "${BASELINE:-}" ]; then
+    (cd "$BASELINE" && PYTHONPATH="$PWD" timeout "${HOST_TIMEOUT:-60}" python3 bench/bench_host_overhead.py ${HOST_ARGS:-} --out "$OUT/host_overhead_baseline.json" 2>&1 | tee "$OUT/host_overhead_baseline.txt" | grep -v "^    ") || status=1
+  fi
 fi
 if stage test; then
   # CI runs the CPU tests; here, the CUDA cases and the tests that pick the GPU themselves.

@@ -57,6 +57,16 @@ def gelu_grad(u):
 
 
 @triton.jit
+def bn_scale_shift(MEAN, RSTD, GAMMA, BETA, offs_c, c_ok):
+    """BatchNorm as y = x * scale + shift for channels offs_c, fp32: scale = rstd * gamma, shift =
+    beta - mean * scale, computed a program rather than as torch ops on the host."""
+    mean = tl.load(MEAN + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    scale = tl.load(RSTD + offs_c, mask=c_ok, other=0.0).to(tl.float32) * \
+        tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    return scale, tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+
+
+@triton.jit
 def image_and_channels(C, BLOCK_C: tl.constexpr, VECTOR: tl.constexpr = 0):
     """(image index as int64, channel offsets) of a program on grid axis 0, which runs over
     images x channel blocks: one axis, so neither count meets CUDA's 65535 limit on axes 1 and 2.
@@ -113,15 +123,18 @@ def welford_total(count, mean, m2):
 
 
 @triton.jit
-def _merge_stats(MEAN, M2, SHIFT, OUT_MEAN, OUT_VAR, G, C, P, P_SPLIT, S, count,
-                 HAS_SHIFT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+def _merge_stats(MEAN, M2, SHIFT, OUT_MEAN, OUT_VAR, OUT_RSTD, RUN_MEAN, RUN_VAR, G, C, P, P_SPLIT, S, count,
+                 momentum, eps, HAS_SHIFT: tl.constexpr, UPDATE: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     """Merge G = B * S partial (mean, M2) rows [G, C] of ``count`` values a channel into the
     channel mean and biased variance [C]; group g covers split g % S of an image's P positions,
     P_SPLIT each (the last split the rest). Chan's formula for many groups at once: the mean
     from the count-weighted group means, then M2 = sum M2_g + sum n_g (mean_g - mean)^2,
     deviations taken directly (no cancellation). Partial means taken about SHIFT (a value of
     each channel) have the spread of the data, not its offset, so their fp32 rounding does not
-    reach the variance. Tiles of BLOCK_G groups in a fixed order: deterministic."""
+    reach the variance. Tiles of BLOCK_G groups in a fixed order: deterministic. With UPDATE,
+    also what ``nn.BatchNorm2d`` does next on the host: the running statistics' update in place
+    (unbiased variance) and rstd = 1 / sqrt(var + eps)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     weighted = tl.zeros([BLOCK_C], tl.float32)
@@ -142,19 +155,35 @@ def _merge_stats(MEAN, M2, SHIFT, OUT_MEAN, OUT_VAR, G, C, P, P_SPLIT, S, count,
         m2 += tl.sum(tl.load(M2 + rows + offs_c[None, :], mask=ok, other=0.0) + n[:, None] * dev * dev, 0)
     if HAS_SHIFT:
         mean += tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
+    var = m2 / count
     tl.store(OUT_MEAN + offs_c, mean, mask=c_ok)
-    tl.store(OUT_VAR + offs_c, m2 / count, mask=c_ok)
+    tl.store(OUT_VAR + offs_c, var, mask=c_ok)
+    if UPDATE:
+        tl.store(OUT_RSTD + offs_c, 1.0 / tl.sqrt(var + eps), mask=c_ok)
+        run_mean = tl.load(RUN_MEAN + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        run_var = tl.load(RUN_VAR + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        run_mean = run_mean * (1.0 - momentum) + mean * momentum
+        run_var = run_var * (1.0 - momentum) + m2 / (count - 1.0) * momentum
+        tl.store(RUN_MEAN + offs_c, run_mean.to(RUN_MEAN.dtype.element_ty), mask=c_ok)
+        tl.store(RUN_VAR + offs_c, run_var.to(RUN_VAR.dtype.element_ty), mask=c_ok)
 
 
-def merge_stats(means, m2s, positions: int, per_program: int, shift=None):
+def merge_stats(means, m2s, positions: int, per_program: int, shift=None, running=None):
     """(mean, biased variance) [C] from per-(image, split) partials [B, S, C] (fp32, contiguous)
     of ``positions`` values an image, ``per_program`` a split, taken about ``shift`` ([C] fp32,
-    or None for 0): one launch instead of a string of small torch ops on the host."""
+    or None for 0): one launch instead of a string of small torch ops on the host. With
+    ``running`` = (running_mean, running_var, momentum, eps) (dense [C] tensors), updates those in
+    place as ``nn.BatchNorm2d`` does and returns (mean, rstd) instead: the host's five update ops
+    and the rsqrt, each a launch and some microseconds of Python, become part of this one."""
     batch, splits, channels = means.shape
     mean = torch.empty(channels, dtype=torch.float32, device=means.device)
     var = torch.empty_like(mean)
+    rstd = torch.empty_like(mean) if running is not None else mean
+    run_mean, run_var, momentum, eps = running if running is not None else (mean, mean, 0.0, 0.0)
     block_c = min(32, triton.next_power_of_2(max(channels, 1)))
+    count = batch * positions
     _merge_stats[(triton.cdiv(channels, block_c),)](
-        means, m2s, mean if shift is None else shift, mean, var, batch * splits, channels, positions, per_program,
-        splits, float(batch * positions), HAS_SHIFT=shift is not None, BLOCK_G=64, BLOCK_C=block_c, num_warps=4)
-    return mean, var
+        means, m2s, mean if shift is None else shift, mean, var, rstd, run_mean, run_var, batch * splits, channels,
+        positions, per_program, splits, float(count), float(momentum), float(eps), HAS_SHIFT=shift is not None,
+        UPDATE=running is not None, BLOCK_G=64, BLOCK_C=block_c, num_warps=4)
+    return (mean, var) if running is None else (mean, rstd)

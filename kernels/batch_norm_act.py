@@ -68,13 +68,13 @@ def _stats(X, SHIFT, MEAN, M2, sx_b, sx_c, sx_p, C, P, P_SPLIT,
 
 
 @triton.jit
-def _apply(X, MEAN, SCALE, BETA, RES, BSCALE, Y,
+def _apply(X, MEAN, RSTD, GAMMA, BETA, RES, BSCALE, Y,
            sx_b, sx_c, sx_p, sr_b, sr_c, sr_p, sy_b, sy_c, sy_p, C, P, P_SPLIT,
            GELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_BSCALE: tl.constexpr,
            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c, c_ok, split, p_begin, p_end = _program(C, P, P_SPLIT, BLOCK_C)
     mean = tl.load(MEAN + offs_c, mask=c_ok, other=0.0)
-    scale = tl.load(SCALE + offs_c, mask=c_ok, other=0.0)
+    scale = tl.load(RSTD + offs_c, mask=c_ok, other=0.0) * tl.load(GAMMA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     beta = tl.load(BETA + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     if HAS_BSCALE:
         branch_scale = tl.load(BSCALE + b).to(tl.float32)
@@ -229,8 +229,9 @@ def _out_like(t: torch.Tensor, dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device, memory_format=fmt)
 
 
-def batch_stats(x: torch.Tensor):
-    """Channel mean and biased variance of x over batch and positions (fp32, [C] each)."""
+def batch_stats(x: torch.Tensor, running=None):
+    """Channel mean and biased variance of x over batch and positions (fp32, [C] each); with
+    ``running``, (mean, rstd) and the running statistics updated (``merge_stats``)."""
     x = flat_positions("x", x)
     batch, channels, height, width = x.shape
     grid, per_program, splits, block_p, block_c, warps = _launch(x)
@@ -241,19 +242,20 @@ def batch_stats(x: torch.Tensor):
     m2s = torch.empty_like(means)
     _stats[grid](x, shift, means, m2s, *_strides(x), channels, height * width, per_program,
                  BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    return merge_stats(means, m2s, height * width, per_program, shift)
+    return merge_stats(means, m2s, height * width, per_program, shift, running)
 
 
-def apply(x, mean, scale, beta, gelu: bool, residual: Optional[torch.Tensor], branch_scale: Optional[torch.Tensor],
-          out_dtype: torch.dtype):
-    """residual + branch_scale[b] * act((x - mean) * scale + beta), per channel (mean and scale fp32)."""
+def apply(x, mean, rstd, gamma, beta, gelu: bool, residual: Optional[torch.Tensor],
+          branch_scale: Optional[torch.Tensor], out_dtype: torch.dtype):
+    """residual + branch_scale[b] * act((x - mean) * rstd * gamma + beta), per channel (mean and
+    rstd fp32)."""
     y = _out_like(x, out_dtype)
     x = flat_positions("x", x)
     batch, channels, height, width = x.shape
     grid, per_program, _, block_p, block_c, warps = _launch(x)
     res = flat_positions("residual", residual) if residual is not None else x
     _apply[grid](
-        x, mean, scale, beta, res, branch_scale if branch_scale is not None else scale, y,
+        x, mean, rstd, gamma, beta, res, branch_scale if branch_scale is not None else mean, y,
         *_strides(x), *_strides(res), *_strides(y), channels, height * width, per_program,
         GELU=gelu, HAS_RES=residual is not None, HAS_BSCALE=branch_scale is not None,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, welford_total,
+from ._common import (bn_scale_shift, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, welford_total,
                       welford_update)
 
 # Channels a thread loads together (8-byte loads at 16 bits; fp32's 16-byte loads are four
@@ -203,16 +203,14 @@ def _stats(X, WT, MEAN, M2,
 
 
 @triton.jit
-def _apply(X, WT, SCALE, SHIFT, Y, POOL,
+def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sy_b, sy_c, sy_h, sy_w,
            C, H, W, HO, WO,
-           STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_POOL: tl.constexpr,
+           STRIDE: tl.constexpr, HAS_POOL: tl.constexpr,
            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c_ok = offs_c < C
-    shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
-    if HAS_SCALE:
-        scale = tl.load(SCALE + offs_c, mask=c_ok, other=0.0)
+    scale, shift = bn_scale_shift(MEAN, RSTD, GAMMA, BETA, offs_c, c_ok)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     pool = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)  # per slot, reduced across rows after the loop
     for w0 in range(0, WO, BLOCK_W):
@@ -225,9 +223,7 @@ def _apply(X, WT, SCALE, SHIFT, Y, POOL,
         for ho in range(0, HO):
             u, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
                                                sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
-            if HAS_SCALE:
-                u = u * scale[None, :]
-            y = gelu(u + shift[None, :])
+            y = gelu(u * scale[None, :] + shift[None, :])
             tl.store(y_strip + ho * sy_h, y.to(Y.dtype.element_ty), mask=ok)
             if HAS_POOL:
                 pool += tl.where(ok, y, 0.0)
@@ -760,13 +756,11 @@ def _out_like(x: torch.Tensor, shape, dtype=None):
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
 
 
-def _taps_major(weight: torch.Tensor):
-    """The [C, 1, 3, 3] weight as a [3, 3, C] copy (9 * C values) and its (channel, row, column)
-    strides. Read per tap across a channel block, the seed's layout is a stride-9 gather of one
-    scalar load per channel; tap-major it is contiguous, so each tap is a few vector loads."""
-    channels = weight.shape[0]
-    taps = weight.reshape(channels, 3, 3).permute(1, 2, 0).contiguous()
-    return taps, (taps.stride(2), taps.stride(0), taps.stride(1))
+def _taps(weight: torch.Tensor):
+    """The [C, 1, 3, 3] weight as the kernels read it, (channel, row, column) strides: in the
+    seed's layout, a stride-9 gather per tap, loaded once a program before its row loop. (A
+    tap-major copy made each tap a vector load, but cost a copy, a launch, on every call.)"""
+    return weight, (weight.stride(0), weight.stride(2), weight.stride(3))
 
 
 def _geometry(x, stride):
@@ -775,37 +769,40 @@ def _geometry(x, stride):
     return batch, channels, height, width, ho, wo
 
 
-def batch_stats(x, weight, stride: int):
-    """Channel mean and biased variance of conv(x, weight) over the batch (fp32, [C] each)."""
+def batch_stats(x, weight, stride: int, running=None):
+    """Channel mean and biased variance of conv(x, weight) over the batch (fp32, [C] each); with
+    ``running``, (mean, rstd) and the running statistics updated (``merge_stats``)."""
     x = _fit_offsets("x", x)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     block_w, block_c, warps = _row_blocks(x, channels, wo)
     means = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     m2s = torch.empty_like(means)
-    taps, tap_strides = _taps_major(weight)
+    taps, tap_strides = _taps(weight)
     _stats[(image_channel_grid(batch, channels, block_c),)](
         x, taps, means, m2s, *x.stride(), *tap_strides,
         channels, height, width, ho, wo,
         STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
-    return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo)
+    return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo,
+                       running=running)
 
 
-def apply(x, weight, scale, shift, stride: int, pool: bool):
-    """gelu(conv(x, weight) * scale + shift) (scale None: already folded into weight), and the
-    per-image channel sums of the result when ``pool``."""
+def apply(x, weight, mean, rstd, gamma, beta, stride: int, pool: bool):
+    """gelu((conv(x, weight) - mean) * rstd * gamma + beta), and the per-image channel sums of the
+    result when ``pool``. The per-channel scale and shift are the kernel's first lines, not
+    torch ops on the host: each of those is a launch and Python a call."""
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     # The output's layout follows the caller's x (as the custom op's fake kernel says), not a copy's.
     y = _out_like(x, (batch, channels, ho, wo))
     x = _fit_offsets("x", x)
     block_w, block_c, warps = _row_blocks(x, channels, wo)
     sums = torch.empty((batch, channels) if pool else (0,), dtype=torch.float32, device=x.device)
-    taps, tap_strides = _taps_major(weight)
+    taps, tap_strides = _taps(weight)
     _apply[(image_channel_grid(batch, channels, block_c),)](
-        x, taps, shift if scale is None else scale, shift, y, sums,
+        x, taps, mean, rstd, gamma, beta, y, sums,
         *x.stride(), *tap_strides, *y.stride(),
         channels, height, width, ho, wo,
-        STRIDE=stride, HAS_SCALE=scale is not None, HAS_POOL=pool,
+        STRIDE=stride, HAS_POOL=pool,
         BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
     return y, sums
@@ -818,7 +815,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     has_dpool = dpool is not None
     dpool = dpool.contiguous() if has_dpool else mean
-    taps, tap_strides = _taps_major(weight)
+    taps, tap_strides = _taps(weight)
     common = (*x.stride(), *tap_strides, *dy.stride())
     sum_du = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
     sum_du_xhat = torch.empty_like(sum_du)

@@ -36,8 +36,8 @@ from coatnet_fast.kernels import rel_bias_attention as attn
 TARGET = GPUTarget("cuda", 90, 32)
 FP32_POINTERS = {"T", "LSE", "DELTA", "DQ_ACC", "DBIAS", "DT", "WT", "SCALE", "SHIFT", "POOL", "MEAN", "M2", "RSTD",
                  "GAMMA", "BETA", "SUM_DU", "SUM_DU_XHAT", "DBETA", "DGAMMA", "DPOOL",
-                 "DW_PARTIAL", "OUT_MEAN", "OUT_VAR", "RING", "SCRATCH"}
-FLOATS = {"scale", "inv_p", "inv_count"}
+                 "DW_PARTIAL", "OUT_MEAN", "OUT_VAR", "OUT_RSTD", "RUN_MEAN", "RUN_VAR", "RING", "SCRATCH"}
+FLOATS = {"scale", "inv_p", "inv_count", "count", "momentum", "eps"}
 SIZES = {"N", "H", "W", "C", "P", "R", "HO", "WO", "P_SPLIT", "G", "S"}  # upper-case scalars; other upper-case names are pointers
 
 
@@ -68,8 +68,8 @@ def specialization(kernel, constexprs, layout):
       16, as at CoAtNet's widths (the channel mask then keeps whole vectors, so loads vectorize);
     - "nchw": unit position (``*_p``) or column (``*_w``) strides, and of the rest only the image
       strides and the channel count are sure to be multiples of 16 (H * W = 196 is not);
-    - the depthwise weight goes in tap-major ([3, 3, C]: a unit channel stride, the others
-      multiples of C) in either layout; None: only pointers.
+    - the depthwise weight goes in the seed's layout ([C, 1, 3, 3]: strides 9, 3, 1) in either
+      layout; None: only pointers.
     Every pointer is 16-byte aligned (a fresh allocation, or a qkv view at a multiple of d)."""
     params = list(inspect.signature(kernel.fn).parameters)
     strides = [n for n in params if _is_stride(n)]
@@ -77,11 +77,11 @@ def specialization(kernel, constexprs, layout):
         ones = [n for n in strides if n.endswith("_d") or n == "st_h"]
         divisible = [n for n in strides if n not in ones and n != "st_r"]
     elif layout == "channels_last":
-        ones = [n for n in strides if n.endswith("_c")]
-        divisible = [n for n in strides if n not in ones] + [n for n in params if n == "C"]
+        ones = [n for n in strides if n.endswith("_c") and n != "sw_c"] + [n for n in strides if n == "sw_w"]
+        divisible = [n for n in strides if n not in ones and not n.startswith("sw_")] + [n for n in params if n == "C"]
     elif layout == "nchw":
-        ones = [n for n in strides if n.endswith(("_p", "_w")) and n != "sw_w"] + [n for n in strides if n == "sw_c"]
-        divisible = [n for n in strides if n.endswith("_b") or n in ("sw_h", "sw_w")] + [n for n in params if n == "C"]
+        ones = [n for n in strides if n.endswith(("_p", "_w"))]
+        divisible = [n for n in strides if n.endswith("_b")] + [n for n in params if n == "C"]
     else:
         ones, divisible = [], []
     pointers = [n for n in params if n.isupper() and n not in SIZES and n not in constexprs]
@@ -144,7 +144,9 @@ def sass_loops(compiled) -> str:
 
 
 def cases():
-    yield common._merge_stats, "fp32", dict(BLOCK_G=64, BLOCK_C=32), dict(num_warps=4), None  # fp32 partials only
+    for update in (False, True):  # fp32 partials only
+        yield (common._merge_stats, "fp32", dict(BLOCK_G=64, BLOCK_C=32, HAS_SHIFT=True, UPDATE=update),
+               dict(num_warps=4), None)
     for act in ("bf16", "fp16", "fp32"):
         ieee = act == "fp32"
         for kernel, configs in ((attn._fwd, attn.FWD_CONFIGS), (attn._bwd_dkdv, attn.DKDV_CONFIGS),
@@ -196,8 +198,8 @@ def cases():
                     yield (dw._bwd_dx_dw, act, dict(BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c,
                                                     STRIDE=stride), dict(num_warps=row_warps), layout)
                     block_w, block_c, row_warps = dw._row_blocks(odd, channels, width_out)
-                    yield (dw._apply, act, dict(BLOCK_W=block_w, BLOCK_C=block_c, STRIDE=stride, HAS_SCALE=True,
-                                                HAS_POOL=True), dict(num_warps=row_warps), layout)
+                    yield (dw._apply, act, dict(BLOCK_W=block_w, BLOCK_C=block_c, STRIDE=stride, HAS_POOL=True),
+                           dict(num_warps=row_warps), layout)
                 # The row backward at S1's 56 output columns (and, channels_last, S2's 28).
                 for width_out in (56, 28) if layout == "channels_last" else (56,):
                     block_wo, block_wi, block_c, row_warps = dw._bwd_row_blocks(x, 384, width_out * stride, width_out)
@@ -211,7 +213,7 @@ def cases():
                 for row, rw in row_tiles:
                     yield dw._stats, act, dict(row, STRIDE=stride), rw, layout
                     for flag in (True, False):
-                        yield dw._apply, act, dict(row, STRIDE=stride, HAS_SCALE=flag, HAS_POOL=not flag), rw, layout
+                        yield dw._apply, act, dict(row, STRIDE=stride, HAS_POOL=not flag), rw, layout
                         yield dw._bwd_reduce, act, dict(row, STRIDE=stride, HAS_DPOOL=flag), rw, layout
                         yield (dw._bwd_dz, act, dict(row, STRIDE=stride, HAS_DPOOL=not flag, TRAINING=flag), rw,
                                layout)

@@ -640,3 +640,39 @@ def test_triton_gelu_and_its_derivative_against_float64(device_name):
     assert (err[tail] / ref[tail].abs()).max() <= 1e-3, "GELU's tail"
     assert (grad - ref_grad).abs().max() <= 1e-6, f"GELU': absolute error {(grad - ref_grad).abs().max():.2e}"
     assert torch.equal(y[u64 == 0], torch.zeros(2, dtype=torch.float64)) and (grad[u64 == 0] == 0.5).all()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("path", ["merge kernel", "custom op", "strided running statistics"])
+def test_triton_running_statistics_update_where_it_runs(backend, path, device, monkeypatch):
+    """The eager call updates the running statistics inside the statistics' merge kernel (no
+    torch ops on the host); the custom op (what torch.compile traces) and running statistics
+    that are strided views update them with torch ops. Each path matches nn.BatchNorm2d's update
+    (float64, unbiased variance), and the test records which one ran."""
+    from coatnet_fast.kernels import batch_norm_act as kernels
+
+    x = torch.randn(3, 5, 6, 7, device=device) * 2 + 0.5
+    if _refused(backend, x):
+        return
+    merged = []
+    merge = kernels.merge_stats
+    monkeypatch.setattr(kernels, "merge_stats", lambda *a, **k: merged.append(
+        (a[5] if len(a) > 5 else k.get("running")) is not None) or merge(*a, **k))
+    if path == "custom op":
+        monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
+    store = torch.rand(5, 2, device=device) + 0.5
+    running_mean, running_var = store[:, 0], store[:, 1]  # stride-2 views
+    if path != "strided running statistics":
+        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    start_mean, start_var = running_mean.double().clone(), running_var.double().clone()
+    weight, bias = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    y = batch_norm_act(x, weight, bias, running_mean, running_var, training=True, momentum=0.3, backend=backend)
+    x64 = x.double()
+    mean, var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=True)
+    assert relative_error(running_mean, start_mean * 0.7 + mean * 0.3) < 1e-5
+    assert relative_error(running_var, start_var * 0.7 + var * 0.3) < 1e-5
+    rstd = torch.rsqrt(x64.var((0, 2, 3), unbiased=False) + 1e-5)
+    expected = torch.nn.functional.gelu((x64 - mean[:, None, None]) * (rstd * weight.double())[:, None, None]
+                                        + bias.double()[:, None, None])
+    assert relative_error(y, expected) < TOLERANCE[torch.float32]
+    assert merged == [path == "merge kernel"]

@@ -759,3 +759,40 @@ def test_triton_forward_reads_the_activation_twice_in_training_once_in_eval(chan
             passes = [name for name, over_activation in launches if over_activation]
             assert passes == (["_stats", "_apply"] if training else ["_apply"]), (training, op.__name__, launches)
             assert all(name.startswith("_") for name, _ in launches)  # the recording sees kernels by name
+
+
+@pytest.mark.parametrize("path", ["merge kernel", "custom op", "strided running statistics"])
+def test_triton_running_statistics_update_where_it_runs(path, device, monkeypatch):
+    """As batch_norm_act's test of the same name: the eager call updates the running statistics
+    in the merge kernel, the custom op and strided running statistics with torch ops; each
+    matches nn.BatchNorm2d's update of the conv output's statistics (float64), and the test
+    records which path ran."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    x = torch.randn(3, 6, 7, 5, device=device) * 2 + 0.5
+    if _refused("triton", x):
+        return
+    merged = []
+    merge = kernels.merge_stats
+    monkeypatch.setattr(kernels, "merge_stats", lambda *a, **k: merged.append(
+        (a[5] if len(a) > 5 else k.get("running")) is not None) or merge(*a, **k))
+    if path == "custom op":
+        monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
+    store = torch.rand(6, 2, device=device) + 0.5
+    running_mean, running_var = store[:, 0], store[:, 1]  # stride-2 views
+    if path != "strided running statistics":
+        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    start_mean, start_var = running_mean.double().clone(), running_var.double().clone()
+    weight = torch.randn(6, 1, 3, 3, device=device)
+    gamma, beta = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    y = dwconv_bn_gelu(x, weight, gamma, beta, running_mean, running_var, training=True, momentum=0.3, stride=2,
+                       backend="triton")
+    z = torch.nn.functional.conv2d(x.double(), weight.double(), None, 2, 1, 1, 6)
+    mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=True)
+    assert relative_error(running_mean, start_mean * 0.7 + mean * 0.3) < 1e-5
+    assert relative_error(running_var, start_var * 0.7 + var * 0.3) < 1e-5
+    rstd = torch.rsqrt(z.var((0, 2, 3), unbiased=False) + 1e-5)
+    expected = torch.nn.functional.gelu((z - mean[:, None, None]) * (rstd * gamma.double())[:, None, None]
+                                        + beta.double()[:, None, None])
+    assert relative_error(y, expected) < TOLERANCE[torch.float32]
+    assert merged == [path == "merge kernel"]

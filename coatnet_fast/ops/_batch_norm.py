@@ -39,14 +39,20 @@ def check_batch_count(x: torch.Tensor, training: bool, count: int) -> None:
         )
 
 
-def normalisation(stats: Callable[[], Tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, count: int,
-                  running_mean, running_var, training: bool, momentum: float, eps: float):
+def normalisation(stats: Callable[..., Tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, count: int,
+                  running_mean, running_var, training: bool, momentum: float, eps: float,
+                  stats_update_running: bool = False):
     """(mean, rstd) to normalise with: in training the batch statistics ``stats()`` returns (mean
     and biased variance over ``count`` values a channel), with the running statistics updated in
-    place as ``nn.BatchNorm2d`` does; in eval the running statistics."""
+    place as ``nn.BatchNorm2d`` does; in eval the running statistics. With
+    ``stats_update_running``, ``stats(running)`` takes (running_mean, running_var, momentum, eps),
+    updates the first two itself and returns (mean, rstd) (the Triton kernels' ``merge_stats``):
+    offered only where the running statistics are dense, as the kernels write them in place."""
     if not training:  # contiguous: the kernels index per-channel vectors densely
         acc = ext.acc_dtype(x.dtype)
         return running_mean.to(acc).contiguous(), torch.rsqrt(running_var.to(acc) + eps)
+    if stats_update_running and running_mean.is_contiguous() and running_var.is_contiguous():
+        return stats((running_mean, running_var, momentum, eps))
     mean, var = stats()
     with torch.no_grad():  # biased variance normalises, unbiased is tracked
         running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

@@ -66,10 +66,10 @@ def batch_norm_act_eager(x, bn_weight, bn_bias, running_mean, running_var, train
 
 # --- triton backend: custom ops (visible to torch.compile), autograd, dispatch entry ---------
 
-def _stats_kernels(x):
+def _stats_kernels(x, running=None):
     from coatnet_fast.kernels import batch_norm_act as kernels
 
-    return kernels.batch_stats(x)
+    return kernels.batch_stats(x, running)
 
 
 @torch.library.custom_op("coatnet_fast::batch_norm_stats_triton", mutates_args=())
@@ -90,8 +90,7 @@ def _out_dtype(x, residual) -> torch.dtype:
 def _forward_kernels(x, bn_weight, bn_bias, mean, rstd, gelu: bool, residual, branch_scale):
     from coatnet_fast.kernels import batch_norm_act as kernels
 
-    return kernels.apply(x, mean, bn_weight.float() * rstd, bn_bias, gelu, residual, branch_scale,
-                         _out_dtype(x, residual))
+    return kernels.apply(x, mean, rstd, bn_weight, bn_bias, gelu, residual, branch_scale, _out_dtype(x, residual))
 
 
 def _backward_kernels(dy, x, bn_weight, bn_bias, mean, rstd, gelu: bool, branch_scale, training: bool):
@@ -172,8 +171,11 @@ def batch_norm_act_triton(x, bn_weight, bn_bias, running_mean, running_var, trai
     fast = dispatch.eager_fast_path(*tensors)
     stats = _stats_kernels if fast else _triton_stats
     batch, _, height, width = x.shape
-    mean, rstd = _batch_norm.normalisation(lambda: stats(x.detach()), x, batch * height * width,
-                                           running_mean, running_var, training, momentum, eps)
+    # The eager path updates the running statistics inside the merge kernel; the custom op (what
+    # torch.compile traces) declares no mutation, so its graph keeps the update as torch ops.
+    mean, rstd = _batch_norm.normalisation(lambda *running: stats(x.detach(), *running), x, batch * height * width,
+                                           running_mean, running_var, training, momentum, eps,
+                                           stats_update_running=fast)
     if branch_scale is not None:
         branch_scale = branch_scale.contiguous()
     # The kernels index per-channel vectors densely; contiguous() is differentiable and free when dense.

@@ -60,11 +60,12 @@ def _out_shape(x: torch.Tensor, stride: int) -> tuple:
     return batch, channels, (height - 1) // stride + 1, (width - 1) // stride + 1
 
 
-def _stats_kernels(x, weight, stride: int):
-    """Channel mean and biased variance of the conv output over the batch, fp32 [C]."""
+def _stats_kernels(x, weight, stride: int, running=None):
+    """Channel mean and biased variance of the conv output over the batch, fp32 [C] (with
+    ``running``: mean and rstd, the running statistics updated in place)."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
-    return kernels.batch_stats(x, weight, stride)
+    return kernels.batch_stats(x, weight, stride, running)
 
 
 @torch.library.custom_op("coatnet_fast::dwconv_bn_stats_triton", mutates_args=())
@@ -84,12 +85,7 @@ def _forward_kernels(x, weight, bn_weight, bn_bias, mean, rstd, training: bool, 
     statistics, which the backward then differentiates through."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
-    scale = bn_weight.float() * rstd
-    shift = bn_bias.float() - mean * scale
-    if training:
-        return kernels.apply(x, weight, scale, shift, stride, pool)
-    # Inference: BatchNorm folded into the conv weights and a shift, one pass over x.
-    return kernels.apply(x, weight.float() * scale.view(-1, 1, 1, 1), None, shift, stride, pool)
+    return kernels.apply(x, weight, mean, rstd, bn_weight, bn_bias, stride, pool)
 
 
 def _backward_kernels(dy, dsums, x, weight, bn_weight, bn_bias, mean, rstd, stride: int, training: bool):
@@ -170,20 +166,24 @@ def _autocast(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _normalisation(stats, x, weight, running_mean, running_var, training, momentum, eps, stride):
+def _normalisation(stats, x, weight, running_mean, running_var, training, momentum, eps, stride,
+                   stats_update_running=False):
     """(mean, rstd) to normalise with; in training, batch statistics from ``stats``, and the
-    running ones updated."""
+    running ones updated (by ``stats`` itself with ``stats_update_running``)."""
     batch, _, ho, wo = _out_shape(x, stride)
-    return _batch_norm.normalisation(lambda: stats(x.detach(), weight.detach(), stride), x, batch * ho * wo,
-                                     running_mean, running_var, training, momentum, eps)
+    return _batch_norm.normalisation(lambda *running: stats(x.detach(), weight.detach(), stride, *running), x,
+                                     batch * ho * wo, running_mean, running_var, training, momentum, eps,
+                                     stats_update_running)
 
 
 def dwconv_bn_gelu_triton(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
                           pool=False):
     x = _autocast(x)
     fast = dispatch.eager_fast_path(x, weight, bn_weight, bn_bias, running_mean, running_var)
+    # The eager path updates the running statistics inside the merge kernel; the custom op (what
+    # torch.compile traces) declares no mutation, so its graph keeps the update as torch ops.
     mean, rstd = _normalisation(_stats_kernels if fast else _triton_stats, x, weight, running_mean, running_var,
-                                training, momentum, eps, stride)
+                                training, momentum, eps, stride, stats_update_running=fast)
     forward = _TritonDWConvFunction.apply if fast else _triton_forward
     # The kernels index per-channel vectors densely; contiguous() is differentiable and free when dense.
     y, sums = forward(x, weight, bn_weight.contiguous(), bn_bias.contiguous(), mean, rstd, training, stride, pool)
