@@ -33,6 +33,8 @@ from coatnet_fast.ops.rel_bias_attention import table_rows  # noqa: E402
 
 def _empty_kernels():
     import triton
+
+    global tl  # Triton resolves a kernel's names in its module's globals
     import triton.language as tl
 
     @triton.jit
@@ -107,10 +109,10 @@ def op_calls(device, dtype):
     }
 
 
-def time_us(fn, repeats: int, sync, rounds: int = 5) -> float:
+def time_us(fn, repeats: int, sync, rounds: int = 5, warmup: int = 10) -> float:
     """Median over rounds of the mean time per call, the device drained at each round's end
     (its kernels are tiny, so the host sets the pace)."""
-    for _ in range(repeats // 5 + 10):
+    for _ in range(repeats // 5 + warmup):
         fn()
     sync()
     samples = []
@@ -149,14 +151,19 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.smoke or device.type == "cpu":
-        args.repeats, dtype = (5 if args.smoke else args.repeats), torch.float32
+        args.repeats, dtype = (1 if args.smoke else args.repeats), torch.float32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timing = dict(rounds=1, warmup=0) if args.smoke else {}
+
+    def time_us_(fn, repeats, sync):
+        return time_us(fn, repeats, sync, **timing)
+
     out_path = Path(args.out or Path(__file__).parent / "results" / f"host_overhead_{device.type}.json")
     payload = {"benchmark": "host_overhead", "env": environment(),
                "config": {k: v for k, v in vars(args).items() if k != "out"} | {"dtype": str(dtype)},
                "calibration": [], "results": []}
     for name, fn in calibration(device).items():
-        row = {"call": name, "us": time_us(fn, args.repeats, sync)}
+        row = {"call": name, "us": time_us_(fn, args.repeats, sync)}
         payload["calibration"].append(row)
         print(f"{name:50s} {row['us']:8.1f} us", flush=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -164,14 +171,14 @@ def main(argv=None) -> int:
             row = {"op": name}
             if inputs is None:
                 with torch.inference_mode():
-                    row["fwd_us"] = time_us(forward, args.repeats, sync)
+                    row["fwd_us"] = time_us_(forward, args.repeats, sync)
                     row["profile_fwd"] = profile(forward, args.repeats, args.top)
             else:
                 def forward_backward(forward=forward, inputs=inputs):
                     out = forward()
                     torch.autograd.grad(out, inputs, out)
-                row["fwd_us"] = time_us(forward, args.repeats, sync)
-                row["fwd_bwd_us"] = time_us(forward_backward, args.repeats, sync)
+                row["fwd_us"] = time_us_(forward, args.repeats, sync)
+                row["fwd_bwd_us"] = time_us_(forward_backward, args.repeats, sync)
                 row["profile_fwd_bwd"] = profile(forward_backward, args.repeats, args.top)
             payload["results"].append(row)
             print(f"{name:50s} fwd {row['fwd_us']:8.1f} us" +

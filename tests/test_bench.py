@@ -498,3 +498,22 @@ def test_bench_saved_memory_counts_what_autograd_keeps(tmp_path):
         assert saved == sorted(saved, reverse=True) and len(set(saved)) == len(order), saved
         assert rows["backend:triton:no-se-gate:train-batch_norm_act"]["saved_bytes"] > rows[fused]["saved_bytes"]
         assert "ConvBN" in rows[fused]["by_module_type_gib"]
+
+
+def test_bench_host_overhead_smoke(tmp_path):
+    """Each fused op's eager path and the eager modules it replaces are timed and profiled (on
+    the CPU through the interpreter: the figures say nothing there, the rows and their fields do)."""
+    import bench_host_overhead
+
+    out = tmp_path / "host.json"
+    assert bench_host_overhead.main(["--smoke", "--top", "5", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert [r["call"] for r in payload["calibration"]][0] == "torch add (one small op)"
+    rows = {r["op"]: r for r in payload["results"]}
+    assert {"batch_norm_act eval", "batch_norm_act train", "dwconv_bn_gelu eval", "dwconv_bn_gelu train",
+            "rel_bias_attention", "eager BatchNorm2d + GELU train"} <= set(rows)
+    for name, r in rows.items():
+        assert r["fwd_us"] > 0, name
+        profile = r.get("profile_fwd_bwd") or r["profile_fwd"]
+        assert 0 < len(profile) <= 5 and all(e["own_us_per_call"] >= 0 for e in profile), name
+        assert ("fwd_bwd_us" in r) == ("eval" not in name), name
