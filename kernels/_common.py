@@ -27,6 +27,18 @@ CDF_Q5 = tl.constexpr(-0.22542488818209097)
 CDF_Q6 = tl.constexpr(0.04657315910606758)
 
 
+
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are ConstexprFunctions in
+# recent Triton: a few microseconds of Python a call, and a launch's tile choice made ~20 of them
+# (bench_host_overhead.py's profile on an H200 host: 100 us of a depthwise forward + backward).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (n >= 1), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
 @triton.jit
 def normal_cdf_and_density_scale(u):
     """(Phi(u), exp(-u^2 / 2)) of fp32 u, by the fit above."""
@@ -82,9 +94,9 @@ def image_and_channels(C, BLOCK_C: tl.constexpr, VECTOR: tl.constexpr = 0):
 
 def image_channel_grid(batch: int, channels: int, block_c: int, name: str = "x") -> int:
     """Grid axis 0 for ``image_and_channels``."""
-    programs = batch * triton.cdiv(channels, block_c)
+    programs = batch * cdiv(channels, block_c)
     if programs >= 2**31:
-        raise ValueError(f"{name}: {batch} images x {triton.cdiv(channels, block_c)} channel blocks is past "
+        raise ValueError(f"{name}: {batch} images x {cdiv(channels, block_c)} channel blocks is past "
                          "the 2**31 programs one grid axis allows")
     return programs
 
@@ -123,7 +135,7 @@ def welford_total(count, mean, m2):
 
 
 @triton.jit
-def _merge_stats(MEAN, M2, SHIFT, OUT_MEAN, OUT_VAR, OUT_RSTD, RUN_MEAN, RUN_VAR, G, C, P, P_SPLIT, S, count,
+def _merge_stats(MEAN, M2, SHIFT, ss_c, OUT_MEAN, OUT_VAR, OUT_RSTD, RUN_MEAN, RUN_VAR, G, C, P, P_SPLIT, S, count,
                  momentum, eps, HAS_SHIFT: tl.constexpr, UPDATE: tl.constexpr, BLOCK_G: tl.constexpr,
                  BLOCK_C: tl.constexpr):
     """Merge G = B * S partial (mean, M2) rows [G, C] of ``count`` values a channel into the
@@ -154,7 +166,7 @@ def _merge_stats(MEAN, M2, SHIFT, OUT_MEAN, OUT_VAR, OUT_RSTD, RUN_MEAN, RUN_VAR
         dev = tl.where(ok, tl.load(MEAN + rows + offs_c[None, :], mask=ok, other=0.0) - mean[None, :], 0.0)
         m2 += tl.sum(tl.load(M2 + rows + offs_c[None, :], mask=ok, other=0.0) + n[:, None] * dev * dev, 0)
     if HAS_SHIFT:
-        mean += tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
+        mean += tl.load(SHIFT + offs_c * ss_c, mask=c_ok, other=0.0).to(tl.float32)
     var = m2 / count
     tl.store(OUT_MEAN + offs_c, mean, mask=c_ok)
     tl.store(OUT_VAR + offs_c, var, mask=c_ok)
@@ -170,20 +182,22 @@ def _merge_stats(MEAN, M2, SHIFT, OUT_MEAN, OUT_VAR, OUT_RSTD, RUN_MEAN, RUN_VAR
 
 def merge_stats(means, m2s, positions: int, per_program: int, shift=None, running=None):
     """(mean, biased variance) [C] from per-(image, split) partials [B, S, C] (fp32, contiguous)
-    of ``positions`` values an image, ``per_program`` a split, taken about ``shift`` ([C] fp32,
-    or None for 0): one launch instead of a string of small torch ops on the host. With
+    of ``positions`` values an image, ``per_program`` a split, taken about ``shift`` ((t, stride):
+    channel c's shift at t's element c * stride, any float dtype; or None for 0): one launch instead of a string of small torch ops on the host. With
     ``running`` = (running_mean, running_var, momentum, eps) (dense [C] tensors), updates those in
     place as ``nn.BatchNorm2d`` does and returns (mean, rstd) instead: the host's five update ops
     and the rsqrt, each a launch and some microseconds of Python, become part of this one."""
     batch, splits, channels = means.shape
-    mean = torch.empty(channels, dtype=torch.float32, device=means.device)
-    var = torch.empty_like(mean)
-    rstd = torch.empty_like(mean) if running is not None else mean
+    if running is None:  # separate tensors: a custom op's outputs may not alias each other
+        mean = torch.empty(channels, dtype=torch.float32, device=means.device)
+        var = rstd = torch.empty_like(mean)
+    else:  # the eager path's: one allocation (each torch.empty is host time too)
+        mean, var, rstd = torch.empty((3, channels), dtype=torch.float32, device=means.device).unbind(0)
     run_mean, run_var, momentum, eps = running if running is not None else (mean, mean, 0.0, 0.0)
-    block_c = min(32, triton.next_power_of_2(max(channels, 1)))
+    block_c = min(32, next_power_of_2(max(channels, 1)))
     count = batch * positions
-    _merge_stats[(triton.cdiv(channels, block_c),)](
-        means, m2s, mean if shift is None else shift, mean, var, rstd, run_mean, run_var, batch * splits, channels,
+    _merge_stats[(cdiv(channels, block_c),)](
+        means, m2s, *((mean, 1) if shift is None else shift), mean, var, rstd, run_mean, run_var, batch * splits, channels,
         positions, per_program, splits, float(count), float(momentum), float(eps), HAS_SHIFT=shift is not None,
         UPDATE=running is not None, BLOCK_G=64, BLOCK_C=block_c, num_warps=4)
     return (mean, var) if running is None else (mean, rstd)

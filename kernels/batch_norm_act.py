@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, welford_total, welford_update
+from ._common import (cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, next_power_of_2,
+                      welford_total, welford_update)
 
 
 @triton.jit
@@ -48,10 +49,13 @@ def _program(C, P, P_SPLIT, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _stats(X, SHIFT, MEAN, M2, sx_b, sx_c, sx_p, C, P, P_SPLIT,
+def _stats(X, MEAN, M2, sx_b, sx_c, sx_p, C, P, P_SPLIT,
            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b, offs_c, c_ok, split, p_begin, p_end = _program(C, P, P_SPLIT, BLOCK_C)
-    shift = tl.load(SHIFT + offs_c, mask=c_ok, other=0.0)
+    # Statistics about a value of each channel, x[0, c, 0, 0]: partial means then carry the
+    # data's spread, not its offset (a channel at mean 1e3, std 1 keeps its variance to fp32
+    # rounding). Read here, not gathered and cast on the host: those were three torch ops a call.
+    shift = tl.load(X + offs_c * sx_c, mask=c_ok, other=0.0).to(tl.float32)
     count = tl.zeros([BLOCK_P], tl.float32)
     mean = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
@@ -176,7 +180,7 @@ def _blocks(x: torch.Tensor, channels: int):
         return FORCED_TILES
     on_cpu = x.device.type == "cpu"
     if _channels_last(x):
-        block_c = min(64, max(16, triton.next_power_of_2(channels)))
+        block_c = min(64, max(16, next_power_of_2(channels)))
         return (128 if on_cpu else 2048 // block_c), block_c, 4
     return (256 if on_cpu else 128), 16, 4
 
@@ -188,6 +192,8 @@ def _channels_last(t: torch.Tensor) -> bool:
 def flat_positions(name: str, t: torch.Tensor) -> torch.Tensor:
     """``t``, or a dense copy of it, readable as [B, C, P] at one position stride, with offsets
     within one image under 2**31 (the kernels add them to a 64-bit image base)."""
+    if t.numel() < 2**31 and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        return t  # dense (the common case): two C++ calls instead of the loops below
     if math.prod(t.shape[1:]) >= 2**31:
         raise ValueError(f"{name}: one image of shape {tuple(t.shape[1:])} has 2**31 elements or more, "
                          "which the Triton kernels do not support")
@@ -216,8 +222,8 @@ def _launch(x: torch.Tensor):
     positions = height * width
     block_p, block_c, warps = _blocks(x, channels)
     per_program = max(block_p, min(positions, POSITIONS_PER_PROGRAM) // block_p * block_p,
-                      triton.cdiv(triton.cdiv(positions, 65535), block_p) * block_p)
-    splits = triton.cdiv(positions, per_program)
+                      cdiv(cdiv(positions, 65535), block_p) * block_p)
+    splits = cdiv(positions, per_program)
     grid = (image_channel_grid(batch, channels, block_c), splits)
     return grid, per_program, splits, block_p, block_c, warps
 
@@ -235,14 +241,10 @@ def batch_stats(x: torch.Tensor, running=None):
     x = flat_positions("x", x)
     batch, channels, height, width = x.shape
     grid, per_program, splits, block_p, block_c, warps = _launch(x)
-    # Statistics about a value of each channel (its first): partial means then carry the data's
-    # spread, not its offset (a channel at mean 1e3, std 1 keeps its variance to fp32 rounding).
-    shift = x[0, :, 0, 0].to(torch.float32).contiguous()
-    means = torch.empty((batch, splits, channels), dtype=torch.float32, device=x.device)
-    m2s = torch.empty_like(means)
-    _stats[grid](x, shift, means, m2s, *_strides(x), channels, height * width, per_program,
+    means, m2s = torch.empty((2, batch, splits, channels), dtype=torch.float32, device=x.device).unbind(0)
+    _stats[grid](x, means, m2s, *_strides(x), channels, height * width, per_program,
                  BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    return merge_stats(means, m2s, height * width, per_program, shift, running)
+    return merge_stats(means, m2s, height * width, per_program, (x, x.stride(1)), running)
 
 
 def apply(x, mean, rstd, gamma, beta, gelu: bool, residual: Optional[torch.Tensor],
@@ -271,8 +273,7 @@ def backward(dy, x, gamma, beta, mean, rstd, gelu: bool, branch_scale: Optional[
     grid, per_program, splits, block_p, block_c, warps = _launch(x)
     has_bscale = branch_scale is not None
     bscale = branch_scale if has_bscale else mean
-    sum_du = torch.empty((batch, splits, channels), dtype=torch.float32, device=x.device)
-    sum_du_xhat = torch.empty_like(sum_du)
+    sum_du, sum_du_xhat = torch.empty((2, batch, splits, channels), dtype=torch.float32, device=x.device).unbind(0)
     args = (x, dy, mean, rstd, gamma, beta, bscale)
     strides = (*_strides(x), *_strides(dy), *_strides(dx), channels, height * width, per_program,
                1.0 / max(1, batch * height * width))  # eval allows an empty batch
@@ -280,7 +281,7 @@ def backward(dy, x, gamma, beta, mean, rstd, gelu: bool, branch_scale: Optional[
                 num_warps=warps)
     if training:
         _bwd[grid](*args, mean, mean, dx, sum_du, sum_du_xhat, *strides, WRITE_DX=False, WRITE_SUMS=True, **meta)
-        dbeta, dgamma = sum_du.sum((0, 1)), sum_du_xhat.sum((0, 1))
+        dbeta, dgamma = sum_du.sum((0, 1)), sum_du_xhat.sum((0, 1))  # not views of one tensor: op outputs
         _bwd[grid](*args, dbeta, dgamma, dx, sum_du, sum_du_xhat, *strides, WRITE_DX=True, WRITE_SUMS=False, **meta)
     else:
         _bwd[grid](*args, mean, mean, dx, sum_du, sum_du_xhat, *strides, WRITE_DX=True, WRITE_SUMS=True, **meta)

@@ -50,17 +50,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bn_scale_shift, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, welford_total,
-                      welford_update)
+from ._common import (bn_scale_shift, cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats,
+                      next_power_of_2, welford_total, welford_update)
 
-# Channels a thread loads together (8-byte loads at 16 bits; fp32's 16-byte loads are four
-# already). A thread then holds four channels' nine tap weights, not eight's: that takes _apply
-# and _stats from 165 and 158 registers to 128 (four programs an SM, not three) and _bwd_reduce
-# from 227 to 168 (three, not two) at CoAtNet's tiles (ptxas, triton 3.6, sm_90a, bf16). On an
-# H200 these kernels wait on memory with the programs that fit an SM rather than on bandwidth
-# (bench/results/dwconv_bn_gelu_h200.json: 20 to 36% of the copy bandwidth), so programs an SM
-# set their speed.
+# Channels a thread loads together in the backward kernels (8-byte loads at 16 bits; fp32's
+# 16-byte loads are four already). A thread then holds four channels' nine tap weights, not
+# eight's: _bwd_reduce goes from 227 to 168 registers, and _bwd_dz and _bwd_dx_dw were laid out
+# for it (ptxas, triton 3.6, sm_90a, bf16). The forward kernels load 16 bytes a thread
+# (FORWARD_CHANNEL_VECTOR = 0: the compiler's choice): capped at four they went from 165 to 128
+# registers but ran slower on an H200, S1's training forward 0.744 ms against 0.674 and eval
+# 0.423 against 0.408 (dwconv_bn_gelu_h200_5337586.json against dwconv_bn_gelu_h200.json).
 CHANNEL_VECTOR: tl.constexpr = tl.constexpr(4)
+FORWARD_CHANNEL_VECTOR: tl.constexpr = tl.constexpr(0)
 
 
 
@@ -182,7 +183,7 @@ def _stats(X, WT, MEAN, M2,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
            C, H, W, HO, WO,
            STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
+    b, offs_c = image_and_channels(C, BLOCK_C, FORWARD_CHANNEL_VECTOR)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     count = tl.zeros([BLOCK_W], tl.float32)
@@ -208,7 +209,7 @@ def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
            C, H, W, HO, WO,
            STRIDE: tl.constexpr, HAS_POOL: tl.constexpr,
            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
+    b, offs_c = image_and_channels(C, BLOCK_C, FORWARD_CHANNEL_VECTOR)
     c_ok = offs_c < C
     scale, shift = bn_scale_shift(MEAN, RSTD, GAMMA, BETA, offs_c, c_ok)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
@@ -623,7 +624,7 @@ def ring_rows(height: int, width: int, stride: int, block_p: int) -> int:
         return 1  # no positions: the kernel's loops do not run
     spanned = -(-(2 * block_p - 1) // width) + 1
     output_rows = (spanned + 1) // stride + 1
-    return min(triton.next_power_of_2(output_rows * wo + block_p), triton.next_power_of_2(ho * wo))
+    return min(next_power_of_2(output_rows * wo + block_p), next_power_of_2(ho * wo))
 
 
 # (BLOCK_P, BLOCK_C, num_warps) for every launch when set (benchmarks sweep it; tests try several).
@@ -644,7 +645,7 @@ def _blocks(x: torch.Tensor, channels: int):
     larger tiles."""
     if FORCED_TILES is not None:
         return FORCED_TILES
-    block_c = min(64, max(16, triton.next_power_of_2(channels)))
+    block_c = min(64, max(16, next_power_of_2(channels)))
     on_cpu = x.device.type == "cpu"
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return 64 if on_cpu else 16, block_c, 4
@@ -663,14 +664,14 @@ def _row_blocks(x: torch.Tensor, channels: int, width_out: int):
     if FORCED_TILES is not None:
         return FORCED_TILES
     if x.device.type == "cpu":
-        return min(64, triton.next_power_of_2(width_out)), min(64, max(16, triton.next_power_of_2(channels))), 4
+        return min(64, next_power_of_2(width_out)), min(64, max(16, next_power_of_2(channels))), 4
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        block_c = min((128, 64, 32, 16), key=lambda bc: (triton.cdiv(channels, bc) * bc, -bc))
+        block_c = min((128, 64, 32, 16), key=lambda bc: (cdiv(channels, bc) * bc, -bc))
         block_w = min((w for w in (16, 8, 4, 2) if 256 <= w * block_c <= 1024),
-                      key=lambda bw: (triton.cdiv(width_out, bw) * bw, -bw))
+                      key=lambda bw: (cdiv(width_out, bw) * bw, -bw))
     else:
-        block_w = max(8, min(64, triton.next_power_of_2(width_out)))
-        block_c = min(max(16, triton.next_power_of_2(channels)), 1024 // block_w)
+        block_w = max(8, min(64, next_power_of_2(width_out)))
+        block_c = min(max(16, next_power_of_2(channels)), 1024 // block_w)
     return block_w, block_c, max(1, block_w * block_c // 256)
 
 
@@ -698,13 +699,13 @@ def _dz_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
     warps; few channels, smaller tiles at fewer warps), so that several programs share an SM
     (168 registers: three). ``FORCED_ROW_BACKWARD_TILES`` overrides the channel block and warps
     here too."""
-    block_wo, block_wi = triton.next_power_of_2(width_out), triton.next_power_of_2(width)
+    block_wo, block_wi = next_power_of_2(width_out), next_power_of_2(width)
     if FORCED_ROW_BACKWARD_TILES is not None:
         return (block_wo, block_wi) + tuple(FORCED_ROW_BACKWARD_TILES)
     widest = max(block_wo, block_wi)
     if x.device.type == "cpu":
-        return block_wo, block_wi, min(64, max(4, triton.next_power_of_2(channels))), 4
-    block_c = min(max(4, triton.next_power_of_2(channels)), max(4, 512 // widest))
+        return block_wo, block_wi, min(64, max(4, next_power_of_2(channels))), 4
+    block_c = min(max(4, next_power_of_2(channels)), max(4, 512 // widest))
     return block_wo, block_wi, block_c, max(1, widest * block_c // 128)
 
 
@@ -717,13 +718,13 @@ def _bwd_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
     stride 2 with twice the channels, dz at four a thread, needs 255 and spills 32 bytes).
     ``FORCED_ROW_BACKWARD_TILES`` (BLOCK_C, num_warps) overrides the channel block and warps
     (``FORCED_TILES`` does not: its channel blocks are sized for strips, not whole rows)."""
-    block_wo, block_wi = triton.next_power_of_2(width_out), triton.next_power_of_2(width)
+    block_wo, block_wi = next_power_of_2(width_out), next_power_of_2(width)
     if FORCED_ROW_BACKWARD_TILES is not None:
         return (block_wo, block_wi) + tuple(FORCED_ROW_BACKWARD_TILES)
     if x.device.type == "cpu":
-        return block_wo, block_wi, min(64, max(4, triton.next_power_of_2(channels))), 4
+        return block_wo, block_wi, min(64, max(4, next_power_of_2(channels))), 4
     widest = max(block_wo, block_wi)
-    block_c = min(max(4, triton.next_power_of_2(channels)), max(4, 1024 // widest))
+    block_c = min(max(4, next_power_of_2(channels)), max(4, 1024 // widest))
     return block_wo, block_wi, block_c, max(1, widest * block_c // 128)
 
 
@@ -740,6 +741,8 @@ def _fit_offsets(name: str, t: torch.Tensor) -> torch.Tensor:
     """``t``, or a dense copy of it, such that offsets within one image fit 32 bits (the kernels
     add them to a 64-bit image base)."""
     # The kernels' own dense outputs (y, dx) hold whole images too, whatever t's strides.
+    if t.numel() < 2**31 and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        return t  # dense (the common case): two C++ calls instead of the loops below
     if math.prod(t.shape[1:]) >= 2**31:
         raise ValueError(f"{name}: one image of shape {tuple(t.shape[1:])} has 2**31 elements or more, "
                          "which the Triton kernels do not support")
@@ -775,8 +778,7 @@ def batch_stats(x, weight, stride: int, running=None):
     x = _fit_offsets("x", x)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     block_w, block_c, warps = _row_blocks(x, channels, wo)
-    means = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
-    m2s = torch.empty_like(means)
+    means, m2s = torch.empty((2, batch, channels), dtype=torch.float32, device=x.device).unbind(0)
     taps, tap_strides = _taps(weight)
     _stats[(image_channel_grid(batch, channels, block_c),)](
         x, taps, means, m2s, *x.stride(), *tap_strides,
@@ -817,15 +819,14 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     dpool = dpool.contiguous() if has_dpool else mean
     taps, tap_strides = _taps(weight)
     common = (*x.stride(), *tap_strides, *dy.stride())
-    sum_du = torch.empty((batch, channels), dtype=torch.float32, device=x.device)
-    sum_du_xhat = torch.empty_like(sum_du)
+    sum_du, sum_du_xhat = torch.empty((2, batch, channels), dtype=torch.float32, device=x.device).unbind(0)
     block_w, block_c, warps = _row_blocks(x, channels, wo)
     _bwd_reduce[(image_channel_grid(batch, channels, block_c),)](
         x, taps, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
         channels, height, width, ho, wo, 1.0,
         STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
     )
-    dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)
+    dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)  # not views of one tensor: the custom op returns them
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
     dx = _out_like(caller_x, x.shape)
     inv_count = 1.0 / max(1, batch * ho * wo)  # eval allows an empty batch

@@ -768,3 +768,43 @@ def test_triton_forward_gathers_the_bias_in_the_kernel(backend, device, monkeypa
         rel_bias_attention(*inputs, window, backend="eager")
     assert "index_select" in log.gathers(), log.ops
     assert ("index_select", heads * n * n * 4) in log.created_at_least(heads * n * n * 2), log.ops
+
+
+def test_autotuned_pick_is_reused_without_the_autotuner(device, monkeypatch):
+    """Once the autotuner has picked a forward tile for a key (N, d, the tensors' dtypes), later
+    calls launch the kernel with that pick directly, skipping the autotuner's per-call key
+    building. An autotuner stand-in (the interpreter does not autotune) picks a tile, records
+    its runs and sets ``best_config`` as Triton's does; the second call must not reach it, must
+    launch the kernel itself, and must give the same output, which matches float64."""
+    import triton
+
+    from coatnet_fast.kernels import rel_bias_attention as kernels
+
+    q, k, v, table = (t.detach() for t in make_inputs(2, 2, (3, 4), 16, torch.float32, device, strided=False)[0])
+    if supported_reasons("triton", q, k, v, table, (3, 4)):
+        return
+    monkeypatch.setattr(kernels, "TUNED_CONFIGS", {})
+    monkeypatch.setattr(kernels, "autotuning", lambda t: True)
+    pick = triton.Config(dict(BLOCK_M=16, BLOCK_N=16), num_warps=4, num_stages=2)
+    log = []
+
+    class Autotuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                log.append("autotuner")
+                self.best_config = pick
+                return kernels._fwd[grid(pick.kwargs)](*args, **kwargs, **pick.all_kwargs())
+            return run
+
+    monkeypatch.setattr(kernels, "_fwd_tuned", Autotuner())
+    monkeypatch.setattr(kernels, "_fwd", _LaunchLog(kernels._fwd, "kernel", log))
+    with torch.no_grad():
+        first = rel_bias_attention(q, k, v, table, (3, 4), backend="triton")
+        second = rel_bias_attention(q, k, v, table, (3, 4), backend="triton")
+    assert log == ["autotuner", "kernel", "kernel"], log  # the stand-in's own launch, then the direct one
+    assert torch.equal(first, second)
+    expected = rel_bias_attention_reference(q.double(), k.double(), v.double(), table.double(), (3, 4))
+    assert relative_error(second, expected) < TOLERANCE[torch.float32]
+    assert list(kernels.TUNED_CONFIGS.values()) == [pick.all_kwargs()]
