@@ -2,6 +2,7 @@
 code lives in the package, coatnet_fast/benchmark.py, so that `coatnet-fast bench` works from
 an installed wheel), timing, and the rows they write.
 """
+import statistics
 import time
 from pathlib import Path
 
@@ -11,6 +12,22 @@ from coatnet_fast.benchmark import commit, environment, write_json  # noqa: F401
 from coatnet_fast.ops import dispatch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def host_us(fn, repeats: int, sync=lambda: None, rounds: int = 5, warmup: int = 10) -> float:
+    """Median over rounds of the mean time per call of fn, ``sync()`` at each round's end (on a
+    GPU: the device drained, so with tiny kernels the host sets the pace)."""
+    for _ in range(repeats // 5 + warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - start) / repeats * 1e6)
+    return statistics.median(samples)
 
 
 def bench_ms(fn, device, warmup=10, rep=50):

@@ -13,15 +13,13 @@ about the kernels themselves (bench/profile_ops.py measures those on a GPU).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import environment, write_json  # noqa: E402
+from _common import environment, host_us, write_json  # noqa: E402
 
 from coatnet_fast.kernels import batch_norm_act as bna_kernels  # noqa: E402
 from coatnet_fast.kernels import dwconv_bn_gelu as dw_kernels  # noqa: E402
@@ -89,19 +87,6 @@ def eager_calls(device):
             for mode, training in (("train", True), ("eval", False))}
 
 
-def time_us(fn, repeats: int, rounds: int = 5) -> float:
-    """Median over rounds of the mean time per call."""
-    for _ in range(repeats // 5 + 10):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        samples.append((time.perf_counter() - start) / repeats * 1e6)
-    return statistics.median(samples)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=400)
@@ -129,8 +114,8 @@ def main(argv=None) -> int:
             row = {"op": op}
             for path, use_fast in (("custom_op", False), ("autograd_function", True)):
                 dispatch.eager_fast_path = fast_path if use_fast else (lambda *tensors: False)
-                row[f"{path}_fwd_us"] = time_us(forward, args.repeats)
-                row[f"{path}_fwd_bwd_us"] = time_us(forward_backward, args.repeats)
+                row[f"{path}_fwd_us"] = host_us(forward, args.repeats)
+                row[f"{path}_fwd_bwd_us"] = host_us(forward_backward, args.repeats)
             dispatch.eager_fast_path = fast_path
             payload["results"].append(row)
             print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
@@ -138,8 +123,8 @@ def main(argv=None) -> int:
             def forward_backward(forward=forward, inputs=inputs):
                 out = forward()
                 torch.autograd.grad(out, inputs, out)
-            row = {"op": op, "eager_fwd_us": time_us(forward, args.repeats),
-                   "eager_fwd_bwd_us": time_us(forward_backward, args.repeats)}
+            row = {"op": op, "eager_fwd_us": host_us(forward, args.repeats),
+                   "eager_fwd_bwd_us": host_us(forward_backward, args.repeats)}
             payload["results"].append(row)
             print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     finally:

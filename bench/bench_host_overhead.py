@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from _common import environment, write_json  # noqa: E402
+from _common import environment, host_us, write_json  # noqa: E402
 
 from coatnet_fast.ops import batch_norm_act, dwconv_bn_gelu, rel_bias_attention  # noqa: E402
 from coatnet_fast.ops.rel_bias_attention import table_rows  # noqa: E402
@@ -108,22 +106,6 @@ def op_calls(device, dtype):
     }
 
 
-def time_us(fn, repeats: int, sync, rounds: int = 5, warmup: int = 10) -> float:
-    """Median over rounds of the mean time per call, the device drained at each round's end
-    (its kernels are tiny, so the host sets the pace)."""
-    for _ in range(repeats // 5 + warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - start) / repeats * 1e6)
-    return statistics.median(samples)
-
-
 def profile(fn, repeats: int, top: int):
     """The ``top`` functions by own time per call under cProfile (which slows Python itself,
     so read shares, not sums)."""
@@ -154,15 +136,15 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     timing = dict(rounds=1, warmup=0) if args.smoke else {}
 
-    def time_us_(fn, repeats, sync):
-        return time_us(fn, repeats, sync, **timing)
+    def timed(fn, repeats, sync):
+        return host_us(fn, repeats, sync, **timing)
 
     out_path = Path(args.out or Path(__file__).parent / "results" / f"host_overhead_{device.type}.json")
     payload = {"benchmark": "host_overhead", "env": environment(),
                "config": {k: v for k, v in vars(args).items() if k != "out"} | {"dtype": str(dtype)},
                "calibration": [], "results": []}
     for name, fn in calibration(device).items():
-        row = {"call": name, "us": time_us_(fn, args.repeats, sync)}
+        row = {"call": name, "us": timed(fn, args.repeats, sync)}
         payload["calibration"].append(row)
         print(f"{name:50s} {row['us']:8.1f} us", flush=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -170,14 +152,14 @@ def main(argv=None) -> int:
             row = {"op": name}
             if inputs is None:
                 with torch.inference_mode():
-                    row["fwd_us"] = time_us_(forward, args.repeats, sync)
+                    row["fwd_us"] = timed(forward, args.repeats, sync)
                     row["profile_fwd"] = profile(forward, args.repeats, args.top)
             else:
                 def forward_backward(forward=forward, inputs=inputs):
                     out = forward()
                     torch.autograd.grad(out, inputs, out)
-                row["fwd_us"] = time_us_(forward, args.repeats, sync)
-                row["fwd_bwd_us"] = time_us_(forward_backward, args.repeats, sync)
+                row["fwd_us"] = timed(forward, args.repeats, sync)
+                row["fwd_bwd_us"] = timed(forward_backward, args.repeats, sync)
                 row["profile_fwd_bwd"] = profile(forward_backward, args.repeats, args.top)
             payload["results"].append(row)
             print(f"{name:50s} fwd {row['fwd_us']:8.1f} us" +

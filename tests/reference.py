@@ -77,3 +77,24 @@ def relative_error(actual, expected):
 
 # Norm-wise relative error against float64, by dtype (see coatnet_fast.verify.TOLERANCE).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+RUNNING_STATISTICS_PATHS = ["merge kernel", "custom op", "strided running statistics"]
+
+
+def running_statistics_on_path(kernels, dispatch, path: str, channels: int, device, monkeypatch):
+    """(running_mean, running_var, merged) for a test of where a Triton op's running-statistics
+    update runs: fresh positive statistics, dense or (``path`` "strided running statistics")
+    stride-2 views; on the "custom op" path the eager fast path is turned off; ``merged`` records,
+    per ``kernels.merge_stats`` call, whether it was asked to update the running statistics."""
+    merged = []
+    merge = kernels.merge_stats
+    monkeypatch.setattr(kernels, "merge_stats", lambda *a, **k: merged.append(
+        (a[5] if len(a) > 5 else k.get("running")) is not None) or merge(*a, **k))
+    if path == "custom op":
+        monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
+    store = torch.rand(channels, 2, device=device) + 0.5
+    running_mean, running_var = store[:, 0], store[:, 1]  # stride-2 views
+    if path != "strided running statistics":
+        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    return running_mean, running_var, merged

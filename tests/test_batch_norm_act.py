@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from coatnet_fast.ops import BackendUnavailableError, batch_norm_act, dispatch
 from coatnet_fast.ops.batch_norm_act import supported_reasons
-from reference import TOLERANCE, batch_norm_act_reference, relative_error
+from reference import (RUNNING_STATISTICS_PATHS, TOLERANCE, batch_norm_act_reference, relative_error,
+                       running_statistics_on_path)
 
 OP = "batch_norm_act"
 BACKENDS = dispatch.usable_backends(OP)
@@ -643,7 +644,7 @@ def test_triton_gelu_and_its_derivative_against_float64(device_name):
 
 
 @pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("path", ["merge kernel", "custom op", "strided running statistics"])
+@pytest.mark.parametrize("path", RUNNING_STATISTICS_PATHS)
 def test_triton_running_statistics_update_where_it_runs(backend, path, device, monkeypatch):
     """The eager call updates the running statistics inside the statistics' merge kernel (no
     torch ops on the host); the custom op (what torch.compile traces) and running statistics
@@ -654,16 +655,7 @@ def test_triton_running_statistics_update_where_it_runs(backend, path, device, m
     x = torch.randn(3, 5, 6, 7, device=device) * 2 + 0.5
     if _refused(backend, x):
         return
-    merged = []
-    merge = kernels.merge_stats
-    monkeypatch.setattr(kernels, "merge_stats", lambda *a, **k: merged.append(
-        (a[5] if len(a) > 5 else k.get("running")) is not None) or merge(*a, **k))
-    if path == "custom op":
-        monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
-    store = torch.rand(5, 2, device=device) + 0.5
-    running_mean, running_var = store[:, 0], store[:, 1]  # stride-2 views
-    if path != "strided running statistics":
-        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    running_mean, running_var, merged = running_statistics_on_path(kernels, dispatch, path, 5, device, monkeypatch)
     start_mean, start_var = running_mean.double().clone(), running_var.double().clone()
     weight, bias = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
     y = batch_norm_act(x, weight, bias, running_mean, running_var, training=True, momentum=0.3, backend=backend)

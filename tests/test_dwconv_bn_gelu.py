@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from coatnet_fast.ops import BackendUnavailableError, dispatch, dwconv_bn_gelu, dwconv_bn_gelu_pool
 from coatnet_fast.ops.dwconv_bn_gelu import supported_reasons
-from reference import TOLERANCE, dwconv_bn_gelu_reference, relative_error
+from reference import (RUNNING_STATISTICS_PATHS, TOLERANCE, dwconv_bn_gelu_reference, relative_error,
+                       running_statistics_on_path)
 
 OP = "dwconv_bn_gelu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -761,7 +762,7 @@ def test_triton_forward_reads_the_activation_twice_in_training_once_in_eval(chan
             assert all(name.startswith("_") for name, _ in launches)  # the recording sees kernels by name
 
 
-@pytest.mark.parametrize("path", ["merge kernel", "custom op", "strided running statistics"])
+@pytest.mark.parametrize("path", RUNNING_STATISTICS_PATHS)
 def test_triton_running_statistics_update_where_it_runs(path, device, monkeypatch):
     """As batch_norm_act's test of the same name: the eager call updates the running statistics
     in the merge kernel, the custom op and strided running statistics with torch ops; each
@@ -772,16 +773,7 @@ def test_triton_running_statistics_update_where_it_runs(path, device, monkeypatc
     x = torch.randn(3, 6, 7, 5, device=device) * 2 + 0.5
     if _refused("triton", x):
         return
-    merged = []
-    merge = kernels.merge_stats
-    monkeypatch.setattr(kernels, "merge_stats", lambda *a, **k: merged.append(
-        (a[5] if len(a) > 5 else k.get("running")) is not None) or merge(*a, **k))
-    if path == "custom op":
-        monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
-    store = torch.rand(6, 2, device=device) + 0.5
-    running_mean, running_var = store[:, 0], store[:, 1]  # stride-2 views
-    if path != "strided running statistics":
-        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    running_mean, running_var, merged = running_statistics_on_path(kernels, dispatch, path, 6, device, monkeypatch)
     start_mean, start_var = running_mean.double().clone(), running_var.double().clone()
     weight = torch.randn(6, 1, 3, 3, device=device)
     gamma, beta = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
