@@ -21,8 +21,8 @@ which walks flattened chunks of BLOCK_P positions (below).
 - ``_stats`` (training, pass 1): per-image channel mean and M2 of the conv output: Welford's
   update per slot of the tile over the chunks, then Chan's merge across the slots once (exact
   in fp32 for a channel with mean 1e3 and std 1; no reduction across rows inside the loop).
-- ``_apply`` (training pass 2, and eval's only pass): conv, per-channel affine, GELU; in eval
-  the BatchNorm is folded into the weights and a shift by the launcher. Optionally the
+- ``_apply`` (training pass 2, and eval's only pass): conv, BatchNorm's per-channel scale and
+  shift (computed a program from mean, rstd, gamma and beta), GELU. Optionally the
   per-image channel sums of the output (the SE block's average pool) in the same pass.
 - ``_bwd_reduce``: recompute, then per-image sums of du and du * xhat (d(beta), d(gamma)).
 - ``_bwd_dz``: recompute, then dz (BatchNorm's training or eval backward) into memory.
