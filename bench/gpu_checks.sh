@@ -19,7 +19,10 @@
 # depthwise benchmark with three forced tiles 76 s, the model benchmark with four providers
 # 219 s (torch.compile's first training step alone 126 s); the CUDA test cases run about 1.2 s
 # each (about 560 of them: narrow PYTEST_ARGS to what changed). The extension's build cache
-# sits in the checkout (.ext_cache/, git-ignored), which the device keeps between calls.
+# sits in the checkout (.ext_cache/, git-ignored), which the device keeps between calls. Second
+# session of 2026-11-27 (H200): a fresh machine started in ~40 s; the host stage with a BASELINE
+# took ~45 s; the model benchmark with eager and backend:triton ~70 s (Triton's first training
+# step 32 s); 25 CUDA test cases of the depthwise op ~100 s (each new tile a compile).
 # Each stage has its own time limit and writes its results as it goes, so a cut-off stage
 # still leaves the earlier ones under $OUT; narrow them with the *_ARGS variables.
 set -uo pipefail
