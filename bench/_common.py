@@ -124,8 +124,10 @@ def start_payload(name: str, args, device):
     bench/results/<name>_<device>.json, and the arguments but ``--out`` as its config."""
     out_path = Path(args.out or RESULTS_DIR / f"{name}_{device.type}.json")
     bandwidth = copy_bandwidth(device) / 1e9
-    payload = {"benchmark": name, "env": environment(),
-               "config": {k: v for k, v in vars(args).items() if k != "out"}, "copy_bandwidth_gbps": bandwidth,
+    # grad_layout: the backward's incoming gradient is channels_last, as the activations (results
+    # without this key were taken with an NCHW gradient, which the kernels read across their tiles).
+    config = {k: v for k, v in vars(args).items() if k != "out"} | {"grad_layout": "channels_last"}
+    payload = {"benchmark": name, "env": environment(), "config": config, "copy_bandwidth_gbps": bandwidth,
                "results": []}
     return out_path, bandwidth, payload
 

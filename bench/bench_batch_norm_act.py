@@ -72,7 +72,10 @@ def make_inputs(batch, channels, height, width, dtype, device, projection, seed=
     stats = [(0.1 * torch.randn(channels, generator=g)).to(device), (0.5 + torch.rand(channels, generator=g)).to(device)]
     residual = act() if projection else None
     branch_scale = ((torch.rand(batch, generator=g) < 0.9).float() / 0.9).to(device, dtype) if projection else None
-    grad_out = torch.randn(batch, channels, height, width, generator=g).to(device, dtype)
+    # channels_last, as the model's backward hands it over (a layout the kernels do not follow
+    # would cost a copy; these files' results before 2026-11-27's third session had NCHW here).
+    grad_out = torch.randn(batch, channels, height, width, generator=g).to(device, dtype).contiguous(
+        memory_format=torch.channels_last)
     return x, params, stats, residual, branch_scale, grad_out
 
 

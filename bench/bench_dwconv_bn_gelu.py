@@ -84,7 +84,10 @@ def make_inputs(batch, channels, height, width, dtype, device, seed=0):
               (0.1 * torch.randn(channels, generator=g)).to(device)]
     params = [p.requires_grad_(True) for p in params]  # fp32 master parameters, as under autocast
     stats = [(0.1 * torch.randn(channels, generator=g)).to(device), (0.5 + torch.rand(channels, generator=g)).to(device)]
-    grad_out = torch.randn(batch, channels, height, width, generator=g).to(device, dtype)
+    # channels_last, as the model's backward hands it over (a layout the kernels do not follow
+    # would cost a copy; these files' results before 2026-11-27's third session had NCHW here).
+    grad_out = torch.randn(batch, channels, height, width, generator=g).to(device, dtype).contiguous(
+        memory_format=torch.channels_last)
     return x, params, stats, grad_out
 
 

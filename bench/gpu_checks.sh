@@ -8,7 +8,8 @@
 #           ptxas compiles without spills, tests/compile_for_gpu.py --ptxas)
 #   profile bench/profile_ops.py: host, wall and kernel time per step, kernel by kernel, for the three
 #           ops and a CoAtNet-0 step on each backend (what to optimise next)
-#   model   the whole-model benchmark
+#   model   the whole-model benchmark (with :graphs providers: the step replayed from a CUDA graph,
+#           no host work: how much of a step is host time)
 #   train   a short `coatnet-fast train` on the GPU defaults (bf16, channels_last)
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> STAGES="setup test" bash bench/gpu_checks.sh
 # STAGES defaults to all of them; OPS (attention dwconv batch_norm_act) narrows the ops stage. One device call may run 600 s at most and a session has 900 s
@@ -77,7 +78,7 @@ if stage profile; then
   timeout "${PROFILE_TIMEOUT:-180}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1
 fi
 if stage model; then
-  timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,backend:triton,backend:triton:train-batch_norm_act,compile,backend:triton:compile --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
+  timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_model.py ${BENCH_ARGS:---models coatnet_0 --providers eager,eager:graphs,backend:triton,backend:triton:graphs,compile --warmup 3 --steps 10} --out "$OUT/model_gpu.json" 2>&1 | tee "$OUT/bench_model.txt" || status=1
 fi
 if stage train; then
   timeout "${TRAIN_TIMEOUT:-90}" python3 -m coatnet_fast train ${TRAIN_ARGS:---epochs 5 --backend auto --no-progress} --out "$OUT/train_digits" 2>&1 | tee "$OUT/train.txt" | tail -5 || status=1

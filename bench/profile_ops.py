@@ -189,7 +189,8 @@ def main(argv=None) -> int:
     wanted = set(filter(None, args.providers.split(",")))
     out_path = Path(args.out or Path(__file__).parent / "results" / f"profile_ops_{device.type}.json")
     payload = {"benchmark": "profile_ops", "env": environment(),
-               "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}
+               "config": {k: v for k, v in vars(args).items() if k != "out"} | {"grad_layout": "channels_last"},
+               "results": []}
     failed = False
     makers = {"rel_bias_attention": attention_cases, "dwconv_bn_gelu": dwconv_cases,
               "batch_norm_act": batch_norm_act_cases, "model": model_cases}

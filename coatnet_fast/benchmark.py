@@ -14,6 +14,10 @@ model in ``--models``, these providers:
   backend:<b>[:compile]:train-batch_norm_act  the same with the stem's and MBConv's
                         BatchNorm (+ GELU) blocks fused in training too (ConvBN's
                         fused_in_training; by default they are fused in eval only)
+  <any of the above>:graphs  the step captured once as a CUDA graph and replayed
+                        (coatnet_fast.cuda_graphs.CapturedStep; AdamW capturable), so
+                        that no host work is timed; compiled providers take
+                        torch.compile(mode="reduce-overhead") instead, its own graphs
 
 A training step is autocast forward, cross-entropy, backward and AdamW (fused on CUDA);
 inference is a forward under torch.inference_mode. On a GPU the default is the issue's
@@ -39,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, cuda_graphs
 from ._env import device_description, dist_version
 from .models import MODEL_CONFIGS, ConvBN, MBConv, create_model, set_backend
 from .ops import dispatch
@@ -58,6 +62,7 @@ SMOKE_MODEL = {"num_blocks": (1, 1, 1, 1, 1), "channels": (16, 24, 32, 64, 96)}
 _CHECKOUT = Path(__file__).resolve().parent.parent
 SE_GATE = "se-gate"  # backend:<b>:no-se-gate: MBConv's SE multiplies the activation (see MBConv)
 TRAIN_BATCH_NORM_ACT = "train-batch_norm_act"  # backend:<b>:train-batch_norm_act: ConvBN.fused_in_training
+GRAPHS = "graphs"  # <provider>:graphs: the step replayed from a CUDA graph (the last option)
 
 
 class ProviderError(ValueError):
@@ -155,7 +160,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    metavar="NAMES", help=f"comma list of models (default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--providers", default=DEFAULT_PROVIDERS, metavar="NAMES",
                    help="comma list of eager, compile, timm, fused (every usable fused backend, eager and "
-                        f"compiled), backend:<name>[:compile] (default: {DEFAULT_PROVIDERS})")
+                        f"compiled), backend:<name>[:compile]; any of them with :{GRAPHS} appended replays "
+                        f"the step from a CUDA graph (default: {DEFAULT_PROVIDERS})")
     p.add_argument("--modes", type=_comma_list(MODES, "mode"), default=list(MODES), metavar="MODES",
                    help="comma list of train, infer (default: both)")
     size = p.add_mutually_exclusive_group()
@@ -270,11 +276,25 @@ def parse_provider(provider: str) -> Tuple[str, Optional[str], bool]:
     return source, backend, compiled
 
 
+def _compiled(provider: str) -> bool:
+    try:
+        return parse_provider(provider)[2]
+    except ProviderError:
+        return False
+
+
+def split_graphs(provider: str) -> Tuple[str, bool]:
+    """(the provider without ``:graphs``, whether its step is replayed from a CUDA graph)."""
+    base, sep, last = provider.rpartition(":")
+    return (base, True) if sep and last == GRAPHS and base else (provider, False)
+
+
 def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]:
     """parse_provider's answer and the options of a ``backend:<b>[:compile][:no-<op>...]`` provider:
     what it leaves unfused, to measure what one fusion is worth inside the model (the ops named,
     and with ``no-se-gate`` MBConv's SE gate multiplying the activation instead of going into the
     projection's weights), and ``train-batch_norm_act`` where it fuses ConvBN in training too."""
+    provider = split_graphs(provider)[0]
     if provider == "eager":
         return "reference", None, False, []
     if provider == "compile":
@@ -297,7 +317,8 @@ def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]
                                     f"{', '.join(dispatch.ops() + [SE_GATE])}")
             return "reference", parts[1], compiled, [o[len("no-"):] if o.startswith("no-") else o for o in options]
     raise ProviderError(f"unknown provider {provider!r}; choose eager, compile, timm, fused, "
-                        f"backend:<name>[:compile][:no-<op>...][:{TRAIN_BATCH_NORM_ACT}] with name in "
+                        f"backend:<name>[:compile][:no-<op>...][:{TRAIN_BATCH_NORM_ACT}], each optionally "
+                        f"followed by :{GRAPHS}, with name in "
                         f"{', '.join(dispatch.BACKENDS)}")
 
 
@@ -351,8 +372,18 @@ def timed(fn, device: torch.device, warmup: int, steps: int) -> float:
 
 
 def measure(provider: str, model: str, mode: str, settings: dict, device: torch.device) -> dict:
-    """One provider, one mode: ms per step, images/s, first-call seconds, peak GiB on CUDA."""
+    """One provider, one mode: ms per step, images/s, first-call seconds, peak GiB on CUDA.
+
+    With ``:graphs`` the step is captured once (``CapturedStep``: its eager warm-up calls and the
+    capture count as the first call) and only replays are timed; a compiled provider gets
+    ``mode="reduce-overhead"``, torch.compile's own CUDA graphs, instead."""
     _, _, compiled = parse_provider(provider)
+    graphs = split_graphs(provider)[1]
+    if graphs:
+        try:
+            cuda_graphs.check_device(device)
+        except ValueError as e:
+            raise ProviderError(f"{provider}: {e}") from None
     net, ops = build(provider, model, settings)
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     net = net.to(device).to(memory_format=memory_format)
@@ -363,22 +394,30 @@ def measure(provider: str, model: str, mode: str, settings: dict, device: torch.
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if compiled:
         torch.compiler.reset()  # a fresh cache: honest first-call time, no recompile limit across providers
-    runner = torch.compile(net) if compiled else net
+    runner = (torch.compile(net, mode="reduce-overhead" if graphs else None) if compiled else net)
+    captured = graphs and not compiled
+    # reduce-overhead's graphs are told where a step begins (their outputs are overwritten by the next).
+    mark_step = torch.compiler.cudagraph_mark_step_begin if graphs and compiled else (lambda: None)
 
     if mode == "train":
         net.train()
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}),
+                                **({"capturable": True} if captured else {}))
 
         def step():
+            mark_step()
+            # Gradients set to None before the backward, so that a captured step allocates them
+            # in its graph's memory and every replay writes the same ones.
+            opt.zero_grad(set_to_none=True)
             with autocast:
                 loss = F.cross_entropy(runner(x), target)
             loss.backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
     else:
         net.eval()
 
         def step():
+            mark_step()
             with torch.inference_mode(), autocast:
                 runner(x)
 
@@ -386,7 +425,12 @@ def measure(provider: str, model: str, mode: str, settings: dict, device: torch.
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    step()  # first call: compile time for compiled providers
+    if captured:
+        step = cuda_graphs.CapturedStep(step, device)
+        while not step.captured:  # the eager warm-up calls and the capture: the first call
+            step()
+    else:
+        step()  # first call: compile time for compiled providers
     if device.type == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
@@ -530,7 +574,7 @@ def run(settings: dict, out: Path) -> dict:
                 payload["results"].append(r)
                 write_json(out, payload)
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-                if provider == "compile" or provider.endswith(":compile"):
+                if _compiled(provider):
                     torch.compiler.reset()  # drop the compiled graphs and what they hold
                 gc.collect()
                 if device.type == "cuda":

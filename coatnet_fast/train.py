@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
+from . import cuda_graphs
 from . import data as data_mod
 from .models import MODEL_CONFIGS, CoAtNet, list_models, set_backend
 from .ops import dispatch
@@ -60,6 +61,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: Optional[bool] = None  # None: on for CUDA, off on the CPU
     compile: bool = False
+    cuda_graphs: bool = False  # replay each training step from a CUDA graph (GraphedTrainStep)
     epochs: int = 15
     batch_size: int = 64  # in total, over all processes
     lr: float = 4e-3
@@ -162,6 +164,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the training step (forward, backward, AdamW) once as a CUDA graph and "
+                        "replay it: no Python or launch cost per step. CUDA, one process, bf16 or fp32; "
+                        "not with --compile (whose own graphs are mode='reduce-overhead')")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: convert BatchNorm layers to SyncBatchNorm")
     g = parser.add_argument_group("output")
@@ -255,7 +261,7 @@ def build_model(kwargs: Dict[str, Any]) -> CoAtNet:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW; weight decay on the weight matrices and conv kernels only (not on biases, norms,
-    or the relative-position bias tables)."""
+    or the relative-position bias tables). ``set_capturable`` readies it for a CUDA graph."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -263,6 +269,22 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
         (no_decay if p.ndim <= 1 or name.endswith("relative_bias_table") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def set_capturable(optimizer: torch.optim.Optimizer, device: Optional[torch.device]) -> None:
+    """AdamW ready for a CUDA graph on ``device``: capturable, each group's learning rate a
+    one-element fp32 tensor there (the scheduler fills it in place, a captured step reads it),
+    step counts on the parameters' device. With ``device=None``, back to the plain step: float
+    rates, step counts on the CPU. ``load_state_dict`` restores whatever the checkpoint's run
+    used, groups and step counts, so this runs after a resume too."""
+    for group in optimizer.param_groups:
+        group["capturable"] = device is not None
+        value = float(group["lr"])
+        group["lr"] = value if device is None else torch.tensor(value, dtype=torch.float32, device=device)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device if device is not None else "cpu")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -286,6 +308,23 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
                scheduler: Optional[torch.optim.lr_scheduler.LRScheduler], criterion: nn.Module,
                scaler: Optional[torch.amp.GradScaler] = None, autocast_dtype: Optional[torch.dtype] = None):
     """One optimizer step; returns (loss, number correct), both detached tensors (no sync)."""
+    loss, correct = _optimizer_step(model, images, labels, optimizer, criterion, scaler, autocast_dtype)
+    if scheduler is not None:
+        _scheduler_step(scheduler)
+    return loss, correct
+
+
+def _scheduler_step(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    with warnings.catch_warnings():
+        # The schedule counts steps, not updates: when the fp16 GradScaler skips an update
+        # (inf/NaN gradients, as in the first steps while it finds its scale), the learning
+        # rate still moves on, and PyTorch's warning that the optimizer did not step is moot.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
+
+
+def _optimizer_step(model, images, labels, optimizer, criterion, scaler, autocast_dtype):
+    """train_step without the schedule: what a CUDA graph captures."""
     device_type = images.device.type
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -300,15 +339,71 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
     else:
         loss.backward()
         optimizer.step()
-    if scheduler is not None:
-        with warnings.catch_warnings():
-            # The schedule counts steps, not updates: when the fp16 GradScaler skips an update
-            # (inf/NaN gradients, as in the first steps while it finds its scale), the learning
-            # rate still moves on, and PyTorch's warning that the optimizer did not step is moot.
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            scheduler.step()
     correct = (logits.detach().argmax(dim=1) == labels).sum()
     return loss.detach(), correct
+
+
+class GraphedTrainStep:
+    """``train_step`` with its optimizer step replayed from a CUDA graph (``--cuda-graphs``).
+
+    Each call copies the batch into static tensors and runs one step through
+    ``coatnet_fast.cuda_graphs.CapturedStep``: the first calls eagerly (Triton compiles and
+    autotunes, AdamW creates its state), then one capture, then replays of forward, loss,
+    backward and AdamW with no Python in between; the scheduler steps outside the graph, filling
+    the learning-rate tensors the captured AdamW reads (``set_capturable``). Every call is a real
+    training step, so a graphed run takes the same steps as an eager one. The optimizer must be
+    capturable, the batch shape fixed (the loaders drop the last partial batch), and nothing in
+    the step may wait on the host (no GradScaler, so fp16 is refused). The returned loss and
+    count are the graph's outputs, overwritten by the next call: read them before it.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                 autocast_dtype: Optional[torch.dtype], device: torch.device,
+                 eager_calls: int = cuda_graphs.DEFAULT_EAGER_CALLS):
+        cuda_graphs.check_device(device)
+        if autocast_dtype == torch.float16:
+            raise ValueError("--cuda-graphs: fp16 needs a GradScaler, whose skipped steps are decided on the "
+                             "host; use bf16 or fp32")
+        self.device = torch.device(device)
+        if not all(group.get("capturable") for group in optimizer.param_groups):
+            raise ValueError("--cuda-graphs: the optimizer must be capturable (set_capturable), which keeps "
+                             "its step counts on the device")
+        self._rates = [group["lr"] for group in optimizer.param_groups]
+        if not all(isinstance(lr, torch.Tensor) and lr.device == self.device for lr in self._rates):
+            raise ValueError(f"--cuda-graphs: the learning rates must be tensors on {self.device} "
+                             "(set_capturable), or the graph would keep the first one")
+        self._optimizer = optimizer
+        self._args = (model, optimizer, criterion, None, autocast_dtype)
+        self._eager_calls = eager_calls
+        self._static: Optional[tuple] = None
+        self._step: Optional[cuda_graphs.CapturedStep] = None
+
+    @property
+    def captured(self) -> bool:
+        return self._step is not None and self._step.captured
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 scheduler: Optional[torch.optim.lr_scheduler.LRScheduler]):
+        if any(group["lr"] is not lr for group, lr in zip(self._optimizer.param_groups, self._rates)):
+            raise RuntimeError("--cuda-graphs: a learning rate was replaced instead of filled in place; the "
+                               "captured step would keep reading the old one")
+        if self._static is None:
+            self._static = static = (images.clone(), labels.clone())  # clone keeps channels_last
+            model, optimizer, criterion, scaler, autocast_dtype = self._args
+            # Over locals, not self: a cycle through self would keep the graph's memory until a GC pass.
+            self._step = cuda_graphs.CapturedStep(
+                lambda: _optimizer_step(model, *static, optimizer, criterion, scaler, autocast_dtype),
+                self.device, self._eager_calls)
+        else:
+            for name, new, static in (("images", images, self._static[0]), ("labels", labels, self._static[1])):
+                if new.shape != static.shape or new.dtype != static.dtype:
+                    raise ValueError(f"--cuda-graphs: {name} must keep the shape and dtype of the first batch "
+                                     f"{tuple(static.shape)} {static.dtype}; got {tuple(new.shape)} {new.dtype}")
+                static.copy_(new)
+        loss, correct = self._step()
+        if scheduler is not None:
+            _scheduler_step(scheduler)
+        return loss, correct
 
 
 @torch.no_grad()
@@ -541,6 +636,24 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError("lr must be positive, weight_decay and warmup_epochs non-negative")
 
 
+def _check_cuda_graphs(config: TrainConfig, device: torch.device, dd: _Dist,
+                       autocast_dtype: Optional[torch.dtype]) -> None:
+    """--cuda-graphs' limits, named before anything is built (see GraphedTrainStep)."""
+    try:
+        cuda_graphs.check_device(device)
+    except ValueError as e:
+        raise ValueError(f"--cuda-graphs: {e}") from None
+    if config.compile:
+        raise ValueError("--cuda-graphs with --compile: choose one (torch.compile's own CUDA graphs are "
+                         "mode='reduce-overhead')")
+    if dd.enabled:
+        raise ValueError("--cuda-graphs runs in one process; DistributedDataParallel needs its own warm-up "
+                         "and static graph, which this does not set up")
+    if autocast_dtype == torch.float16:
+        raise ValueError("--cuda-graphs: fp16 needs a GradScaler, whose skipped steps are decided on the host; "
+                         "use --precision bf16 or fp32")
+
+
 def _datasets(config: TrainConfig, image_size: int):
     if config.data is None:
         kw = dict(image_size=image_size, val_fraction=config.val_fraction, seed=config.seed)
@@ -577,6 +690,8 @@ def _train(config: TrainConfig, device: torch.device, dd: _Dist) -> TrainResult:
 
     if config.batch_size % dd.world:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {dd.world} processes")
+    if config.cuda_graphs:
+        _check_cuda_graphs(config, device, dd, autocast_dtype)
     local_batch = config.batch_size // dd.world
 
     train_set, val_set, in_channels, num_classes = _datasets(config, image_size)
@@ -653,6 +768,10 @@ def _train(config: TrainConfig, device: torch.device, dd: _Dist) -> TrainResult:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         model = torch.compile(model)
+    # After the scheduler's first step and a resume (which restores the saved run's optimizer
+    # settings, graphed or not): this run's.
+    set_capturable(optimizer, device if config.cuda_graphs else None)
+    graphed = GraphedTrainStep(model, optimizer, criterion, autocast_dtype, device) if config.cuda_graphs else None
 
     # Per-process randomness (stochastic depth): seeded per rank, or restored from the checkpoint.
     if resumed_rng is not None:
@@ -668,7 +787,8 @@ def _train(config: TrainConfig, device: torch.device, dd: _Dist) -> TrainResult:
         prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
         print(f"training {config.run_name()} ({n_params / 1e6:.2f}M parameters) on {where}{device}, backend "
               f"{config.backend}, {prec}{', channels_last' if channels_last else ''}"
-              f"{', compiled' if config.compile else ''}; {len(train_set)} training / {len(val_set)} validation "
+              f"{', compiled' if config.compile else ''}{', CUDA graphs' if config.cuda_graphs else ''}; "
+              f"{len(train_set)} training / {len(val_set)} validation "
               f"images at {image_size}x{image_size}; {steps_per_epoch} steps of {config.batch_size} per epoch; "
               f"writing to {out}", file=sys.stderr)
         if resume_path is not None:
@@ -695,8 +815,12 @@ def _train(config: TrainConfig, device: torch.device, dd: _Dist) -> TrainResult:
             if is_digits and config.augment:
                 images = data_mod.random_translate(images, config.max_shift, aug_gen)
             lr = optimizer.param_groups[0]["lr"]
-            loss, correct = train_step(model, images, labels, optimizer, scheduler, criterion, scaler,
-                                       autocast_dtype)
+            if graphed is not None:
+                lr = lr.clone()  # the scheduler fills the optimizer's tensor in place; read it without a sync
+                loss, correct = graphed(images, labels, scheduler)
+            else:
+                loss, correct = train_step(model, images, labels, optimizer, scheduler, criterion, scaler,
+                                           autocast_dtype)
             loss_sum += loss.double() * labels.numel()
             correct_sum += correct
             seen += labels.numel()
@@ -706,7 +830,7 @@ def _train(config: TrainConfig, device: torch.device, dd: _Dist) -> TrainResult:
                 elapsed = time.perf_counter() - t0
                 progress.update(
                     f"epoch {epoch + 1}/{config.epochs} step {step_in_epoch}/{steps_this_epoch} "
-                    f"loss {loss.item():.4f} lr {lr:.2e} {seen * dd.world / max(elapsed, 1e-9):.0f} img/s",
+                    f"loss {loss.item():.4f} lr {float(lr):.2e} {seen * dd.world / max(elapsed, 1e-9):.0f} img/s",
                     step_in_epoch, steps_this_epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -723,7 +847,7 @@ def _train(config: TrainConfig, device: torch.device, dd: _Dist) -> TrainResult:
         train_acc = correct_total / max(seen_total, 1)
         val_loss, val_acc = evaluate(raw_model, val_loader, device, autocast_dtype, channels_last, dd)
         record = dict(epoch=epoch + 1, step=global_step, train_loss=train_loss, train_acc=train_acc,
-                      val_loss=val_loss, val_acc=val_acc, lr=lr, images_per_s=seen_total / seconds,
+                      val_loss=val_loss, val_acc=val_acc, lr=float(lr), images_per_s=seen_total / seconds,
                       seconds=seconds)
         metrics.append(record)
         progress.end(f"epoch {epoch + 1}/{config.epochs} train loss {train_loss:.4f} acc {train_acc * 100:.2f}% | "

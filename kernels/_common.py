@@ -39,6 +39,22 @@ def next_power_of_2(n: int) -> int:
     """The least power of two >= n (n >= 1), as triton.next_power_of_2."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
+def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` dense in ``like``'s layout (channels_last or contiguous), copied when it is not and
+    ``like`` is dense. The kernels' tiles follow the activation's layout (wide in C for
+    channels_last, long in positions for NCHW), so a gradient or residual in the other layout
+    would be read across them: eight or sixteen 2-byte gathers a thread where one vector load
+    does, in every pass that reads it. One copy costs less. (The model's backward hands both ops
+    gradients in the activation's layout; a loss taken on an NCHW tensor need not.)"""
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        fmt = torch.channels_last
+    elif like.is_contiguous():
+        fmt = torch.contiguous_format
+    else:
+        return t  # a strided view (a channel slice): no layout to follow
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
 @triton.jit
 def normal_cdf_and_density_scale(u):
     """(Phi(u), exp(-u^2 / 2)) of fp32 u, by the fit above."""

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats, next_power_of_2,
-                      welford_total, welford_update)
+from ._common import (cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, match_layout, merge_stats,
+                      next_power_of_2, welford_total, welford_update)
 
 
 @triton.jit
@@ -255,7 +255,7 @@ def apply(x, mean, rstd, gamma, beta, gelu: bool, residual: Optional[torch.Tenso
     x = flat_positions("x", x)
     batch, channels, height, width = x.shape
     grid, per_program, _, block_p, block_c, warps = _launch(x)
-    res = flat_positions("residual", residual) if residual is not None else x
+    res = flat_positions("residual", match_layout(residual, x)) if residual is not None else x
     _apply[grid](
         x, mean, rstd, gamma, beta, res, branch_scale if branch_scale is not None else mean, y,
         *_strides(x), *_strides(res), *_strides(y), channels, height * width, per_program,
@@ -268,7 +268,8 @@ def apply(x, mean, rstd, gamma, beta, gelu: bool, residual: Optional[torch.Tenso
 def backward(dy, x, gamma, beta, mean, rstd, gelu: bool, branch_scale: Optional[torch.Tensor], training: bool):
     """dx (x's dtype and layout), d(gamma), d(beta) (fp32) of the BatchNorm + act + scale."""
     dx = _out_like(x, x.dtype)
-    x, dy = flat_positions("x", x), flat_positions("dy", dy)
+    x = flat_positions("x", x)
+    dy = flat_positions("dy", match_layout(dy, x))
     batch, channels, height, width = x.shape
     grid, per_program, splits, block_p, block_c, warps = _launch(x)
     has_bscale = branch_scale is not None

@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bn_scale_shift, cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, merge_stats,
-                      next_power_of_2, welford_total, welford_update)
+from ._common import (bn_scale_shift, cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, match_layout,
+                      merge_stats, next_power_of_2, welford_total, welford_update)
 
 # Channels a thread loads together in the backward kernels (8-byte loads at 16 bits; fp32's
 # 16-byte loads are four already). A thread then holds four channels' nine tap weights, not
@@ -813,7 +813,8 @@ def apply(x, weight, mean, rstd, gamma, beta, stride: int, pool: bool):
 def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, training: bool):
     """dx, d(weight), d(gamma), d(beta); ``dpool`` (or None) is the gradient of the pooled sums."""
     caller_x = x  # dx takes its layout, as the custom op's fake kernel says
-    x, dy = _fit_offsets("x", x), _fit_offsets("dy", dy)
+    x = _fit_offsets("x", x)
+    dy = _fit_offsets("dy", match_layout(dy, x))
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     has_dpool = dpool is not None
     dpool = dpool.contiguous() if has_dpool else mean

@@ -51,3 +51,24 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned)
     monkeypatch.setattr(torch, "empty_like", poisoned_like)
+
+
+@pytest.fixture
+def launch_spy(monkeypatch):
+    """spy(module, kernel_name) -> a list that receives each launch's positional arguments while
+    the Triton kernel still runs: which tensors a kernel was handed, not just what came out."""
+    def spy(module, name):
+        kernel, calls = getattr(module, name), []
+
+        class Spy:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    calls.append(args)
+                    return launch(*args, **kwargs)
+                return run
+
+        monkeypatch.setattr(module, name, Spy())
+        return calls
+    return spy

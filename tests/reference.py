@@ -98,3 +98,10 @@ def running_statistics_on_path(kernels, dispatch, path: str, channels: int, devi
     if path != "strided running statistics":
         running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
     return running_mean, running_var, merged
+
+
+def memory_layout(t):
+    """"channels_last", "nchw" (contiguous; a tensor that is both counts as this) or "strided"."""
+    if t.is_contiguous():
+        return "nchw"
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"

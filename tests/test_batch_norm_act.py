@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from coatnet_fast.ops import BackendUnavailableError, batch_norm_act, dispatch
 from coatnet_fast.ops.batch_norm_act import supported_reasons
-from reference import (RUNNING_STATISTICS_PATHS, TOLERANCE, batch_norm_act_reference, relative_error,
-                       running_statistics_on_path)
+from reference import (RUNNING_STATISTICS_PATHS, TOLERANCE, batch_norm_act_reference, memory_layout,
+                       relative_error, running_statistics_on_path)
 
 OP = "batch_norm_act"
 BACKENDS = dispatch.usable_backends(OP)
@@ -224,6 +224,39 @@ def test_fused_kernels_write_every_output_element(backend, device, poison_empty)
             check(backend, (2, 37, 11, 13), device, training=training, channels_last=channels_last)
             check(backend, (3, 5, 16, 15), device, training=training, channels_last=channels_last, gelu=False,
                   residual=True, branch_scale=True)
+
+
+@pytest.mark.parametrize("x_layout, other_layout", [("channels_last", "nchw"), ("nchw", "channels_last"),
+                                                     ("channels_last", "channels_last")])
+def test_triton_reads_dy_and_residual_in_x_layout(device, launch_spy, x_layout, other_layout):
+    """The kernels' tiles follow x's layout; a gradient or residual in the other layout is copied
+    into x's before a kernel reads it (match_layout) rather than gathered across its tiles, and
+    output and gradients match float64 either way."""
+    from coatnet_fast.kernels import batch_norm_act as kernels
+
+    fmt = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+    g = torch.Generator().manual_seed(3)
+    x64, res64, grad64 = (torch.randn(2, 24, 5, 7, generator=g, dtype=torch.float64) for _ in range(3))
+    gamma64, beta64 = 1 + 0.3 * torch.randn(24, generator=g, dtype=torch.float64), torch.randn(24, generator=g,
+                                                                                                 dtype=torch.float64)
+    x = x64.float().to(device).contiguous(memory_format=fmt[x_layout]).requires_grad_(True)
+    res = res64.float().to(device).contiguous(memory_format=fmt[other_layout]).requires_grad_(True)
+    if _refused("triton", x, res):
+        return
+    applied, backward = launch_spy(kernels, "_apply"), launch_spy(kernels, "_bwd")
+    params = [t.float().to(device).requires_grad_(True) for t in (gamma64, beta64)]
+    out = batch_norm_act(x, *params, torch.zeros(24, device=device), torch.ones(24, device=device), training=True,
+                         residual=res, backend="triton")
+    dy = grad64.float().to(device).contiguous(memory_format=fmt[other_layout])
+    grads = torch.autograd.grad(out, [x, res] + params, dy)
+    assert len(applied) == 1 and memory_layout(applied[0][5]) == x_layout  # the residual
+    assert len(backward) == 2 and all(memory_layout(args[1]) == x_layout for args in backward)  # dy
+    ref_in = [t.clone().requires_grad_(True) for t in (x64, res64, gamma64, beta64)]
+    ref_out, _, _ = batch_norm_act_reference(ref_in[0], ref_in[2], ref_in[3], torch.zeros(24, dtype=torch.float64),
+                                             torch.ones(24, dtype=torch.float64), True, 0.1, 1e-5, True, ref_in[1])
+    assert relative_error(out, ref_out) <= TOLERANCE[torch.float32]
+    for got, want in zip(grads, torch.autograd.grad(ref_out, ref_in, grad64)):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("backend", FUSED)

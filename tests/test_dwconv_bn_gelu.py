@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 
 from coatnet_fast.ops import BackendUnavailableError, dispatch, dwconv_bn_gelu, dwconv_bn_gelu_pool
 from coatnet_fast.ops.dwconv_bn_gelu import supported_reasons
-from reference import (RUNNING_STATISTICS_PATHS, TOLERANCE, dwconv_bn_gelu_reference, relative_error,
-                       running_statistics_on_path)
+from reference import (RUNNING_STATISTICS_PATHS, TOLERANCE, dwconv_bn_gelu_reference, memory_layout,
+                       relative_error, running_statistics_on_path)
 
 OP = "dwconv_bn_gelu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -318,6 +318,34 @@ def _refused(backend, x, training=True):
         with pytest.raises(BackendUnavailableError):
             dwconv_bn_gelu(*args, training=training, backend=backend)
     return bool(why)
+
+
+@pytest.mark.parametrize("x_layout, dy_layout", [("channels_last", "nchw"), ("nchw", "channels_last"),
+                                                  ("channels_last", "channels_last")])
+def test_triton_backward_reads_dy_in_x_layout(device, launch_spy, x_layout, dy_layout):
+    """The backward's tiles follow x's layout; a gradient in the other layout is copied into x's
+    before the kernels read it (match_layout) rather than gathered across their tiles, and the
+    gradients match float64 either way."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    x64, w64, g64, b64, m64, v64, gen = make_inputs((2, 24, 9, 7), device, torch.float32)
+    fmt = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+    x = x64.float().to(device).contiguous(memory_format=fmt[x_layout])
+    if _refused("triton", x):
+        return
+    grad_out = torch.randn(2, 24, 9, 7, generator=gen, dtype=torch.float64)
+    calls = launch_spy(kernels, "_bwd_reduce")
+    params = [t.float().to(device).requires_grad_(True) for t in (w64, g64, b64)]
+    x.requires_grad_(True)
+    out = dwconv_bn_gelu(x, *params, m64.float().to(device), v64.float().to(device), training=True, backend="triton")
+    dy = grad_out.float().to(device).contiguous(memory_format=fmt[dy_layout])
+    assert memory_layout(dy) == dy_layout
+    grads = torch.autograd.grad(out, [x] + params, dy)
+    assert len(calls) == 1 and memory_layout(calls[0][2]) == x_layout
+    ref_in = [t.clone().requires_grad_(True) for t in (x64, w64, g64, b64)]
+    ref_out, _, _ = dwconv_bn_gelu_reference(*ref_in, m64, v64, True, 0.1, 1e-5, 1)
+    for got, want in zip(grads, torch.autograd.grad(ref_out, ref_in, grad_out)):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("backend", [b for b in dispatch.usable_backends(OP) if b != "eager"])

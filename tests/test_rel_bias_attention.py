@@ -1,4 +1,5 @@
 """rel_bias_attention: every usable backend against an independent float64 computation."""
+import importlib
 import re
 
 import pytest
@@ -116,6 +117,18 @@ def test_explicit_scale_and_default(device):
 def test_relative_position_index_matches_loops():
     for window in [(7, 7), (7, 5), (2, 9), (1, 4)]:
         assert torch.equal(relative_position_index(*window), relative_index_by_loops(*window))
+
+
+def test_an_index_first_built_in_inference_mode_still_trains(device):
+    """The eager formulation caches each window's index; built first inside inference_mode it
+    must not become an inference tensor, which every later training call would then refuse
+    ("Inference tensors cannot be saved for backward")."""
+    importlib.import_module("coatnet_fast.ops.rel_bias_attention")._cached_index.cache_clear()
+    inputs, grad_out = make_inputs(1, 2, (2, 3), 8, torch.float64, device, False)
+    with torch.inference_mode():
+        rel_bias_attention(*inputs, (2, 3), backend="eager")
+    out, grads = run(rel_bias_attention, inputs, grad_out, window=(2, 3), backend="eager")
+    assert_matches_reference(out, grads, inputs, grad_out, (2, 3), TOLERANCE[torch.float64])
 
 
 def test_relative_position_index_is_a_copy():

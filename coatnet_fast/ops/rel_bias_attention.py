@@ -20,12 +20,15 @@ OP = "rel_bias_attention"
 
 
 def _build_index(height: int, width: int, device) -> torch.Tensor:
-    # Built on the CPU explicitly, so a surrounding `with torch.device("meta")` cannot leak in.
-    rows = torch.arange(height, device="cpu")
-    cols = torch.arange(width, device="cpu")
-    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)  # [2, N]
-    rel = coords[:, :, None] - coords[:, None, :]  # [2, N(query), N(key)]
-    return ((rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)).to(device)
+    # Built on the CPU explicitly, so a surrounding `with torch.device("meta")` cannot leak in;
+    # and never as an inference tensor, which the cache would hand to later calls that train
+    # (autograd refuses to save inference tensors for backward).
+    with torch.inference_mode(False):
+        rows = torch.arange(height, device="cpu")
+        cols = torch.arange(width, device="cpu")
+        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)  # [2, N]
+        rel = coords[:, :, None] - coords[:, None, :]  # [2, N(query), N(key)]
+        return ((rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)).to(device)
 
 
 # One copy per window and device: eager calls then skip the build and the host-to-device copy.
