@@ -354,8 +354,9 @@ def _is_channels_last(t):
 def test_fused_model_runs_channels_last_end_to_end(backend, device, monkeypatch):
     """Given channels_last weights and input, every 4-D activation of the fused model (each
     module's output, each fused op's input and output) stays channels_last, with no conversion
-    back to NCHW on the way, and so do the gradients of the input and of every conv weight;
-    the result matches the NCHW eager model."""
+    back to NCHW on the way, and so do the gradients of the input, of every conv weight and
+    those the fused ops' backwards receive (their kernels' tiles are channels_last); the result
+    matches the NCHW eager model."""
     ops = _fused_ops(backend, device)
     if not ops:
         return  # this backend takes none of the model's ops on this device (see _fused_ops)
@@ -380,7 +381,10 @@ def test_fused_model_runs_channels_last_end_to_end(backend, device, monkeypatch)
             fused_calls.append(op)
             check(f"{op} input", args[0])
             out = impl(*args, **kwargs)
-            check(f"{op} output", out[0] if isinstance(out, tuple) else out)
+            y = out[0] if isinstance(out, tuple) else out
+            check(f"{op} output", y)
+            if y.requires_grad:  # what the op's backward receives: read across its tiles if not channels_last
+                y.register_hook(lambda grad, op=op: check(f"{op} output's gradient", grad))
             return out
 
         monkeypatch.setitem(dispatch._TABLE[op], backend,
@@ -395,6 +399,7 @@ def test_fused_model_runs_channels_last_end_to_end(backend, device, monkeypatch)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     expected.backward(grad_out)
+    assert not not_channels_last, not_channels_last
     assert _is_channels_last(x_cl.grad)
     assert relative_error(x_cl.grad, x.grad) < 1e-4
     params = dict(reference.named_parameters())
