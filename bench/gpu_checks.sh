@@ -58,6 +58,8 @@ if stage test; then
   # CI runs the CPU tests; here, the CUDA cases and the tests that pick the GPU themselves.
   if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a pytest_args <<< "$PYTEST_ARGS"
   else pytest_args=(tests -k "cuda or offsets_past or strided_views or squeeze or projection_residual or image_folder_trains"); fi
+  # PYTEST_K: a -k expression with spaces (PYTEST_ARGS is split on them).
+  if [ -n "${PYTEST_K:-}" ]; then pytest_args+=(-k "$PYTEST_K"); fi
   timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 fi
 OPS=${OPS:-attention dwconv batch_norm_act}
