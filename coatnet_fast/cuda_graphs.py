@@ -34,12 +34,16 @@ CAPTURE_HINT = ("a step captured as a CUDA graph must not wait on the host: no .
 
 
 def check_device(device) -> torch.device:
-    """``device`` as a torch.device, or ValueError when it cannot run CUDA graphs."""
+    """``device`` as a torch.device with its index (``"cuda"`` is the current device: tensors
+    report ``cuda:0``, and comparisons with a bare ``cuda`` fail), or ValueError when it cannot
+    run CUDA graphs."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device; got device {str(device)!r}")
     if not torch.cuda.is_available():
         raise ValueError(f"CUDA graphs need a CUDA device, and torch {torch.__version__} sees none")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

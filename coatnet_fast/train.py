@@ -360,11 +360,10 @@ class GraphedTrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                  autocast_dtype: Optional[torch.dtype], device: torch.device,
                  eager_calls: int = cuda_graphs.DEFAULT_EAGER_CALLS):
-        cuda_graphs.check_device(device)
+        self.device = cuda_graphs.check_device(device)
         if autocast_dtype == torch.float16:
             raise ValueError("--cuda-graphs: fp16 needs a GradScaler, whose skipped steps are decided on the "
                              "host; use bf16 or fp32")
-        self.device = torch.device(device)
         if not all(group.get("capturable") for group in optimizer.param_groups):
             raise ValueError("--cuda-graphs: the optimizer must be capturable (set_capturable), which keeps "
                              "its step counts on the device")
@@ -612,6 +611,9 @@ def _resolve_device(config: TrainConfig) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {config.device!r}: CUDA is not available here")
+        # torch.cuda.set_device refuses a device without an index; a bare "cuda" is the current one.
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 

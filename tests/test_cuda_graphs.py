@@ -34,6 +34,16 @@ def test_captured_step_names_a_device_that_cannot_capture():
         cuda_graphs.CapturedStep(None, "cpu")
 
 
+def test_a_bare_cuda_device_is_the_current_one(monkeypatch):
+    """Tensors made on "cuda" report cuda:<current>, and torch.device("cuda") != torch.device("cuda:0"):
+    the graphed step compared its learning rates' device with a bare "cuda" and refused them (seen
+    on the H200, 2026-11-27), so check_device gives the index."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert cuda_graphs.check_device("cuda") == torch.device("cuda", 1)
+    assert cuda_graphs.check_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+
+
 def test_train_cuda_graphs_on_the_cpu_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["train", "--cuda-graphs", "--device", "cpu", "--out", str(tmp_path)])
     err = capsys.readouterr().err

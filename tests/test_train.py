@@ -802,3 +802,19 @@ def test_data_image_folder_trains_a_3_channel_model(tmp_path, capsys, monkeypatc
         assert ("RandomResizedCrop", (32,)) in made and ("RandomHorizontalFlip", ()) in made
         assert ("Resize", (37,)) in made and ("CenterCrop", (32,)) in made  # 32 * 256 / 224, the usual ratio
         assert ("Normalize", (data.IMAGENET_MEAN, data.IMAGENET_STD)) in made
+
+
+@pytest.mark.parametrize("given, expected", [(None, "cuda:1"), ("cuda", "cuda:1"), ("cuda:0", "cuda:0")])
+def test_a_cuda_device_without_an_index_is_the_current_one(monkeypatch, given, expected):
+    """torch.cuda.set_device refuses a device without an index ("Expected a torch.device with a
+    specified index"): `train` on a GPU failed so with no --device or --device cuda (seen on the
+    H200, 2026-11-27). The fake set_device runs torch's own index check."""
+    from torch.cuda._utils import _get_device_index
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: selected.append(_get_device_index(device)))
+    device = T._resolve_device(T.TrainConfig(device=given))
+    assert device == torch.device(expected)
+    assert selected == [device.index]
