@@ -196,7 +196,11 @@ def test_a_step_that_syncs_says_why_it_cannot_be_captured():
 
 
 GRAPH_STEPS = 8
-PARITY_MODEL = dict(image_size=32, in_channels=1, num_classes=10, num_blocks=(1, 1, 1, 1, 1),
+# 64x64 input, so the last stage's window is 2x2: at 32x32 it is 1x1, where the bias table has no
+# effect on the output and eager's gradient is exactly zero while the fused backward's is rounding
+# noise (~1e-8), which AdamW normalizes into steps of about lr whose sign differs between any two
+# runs (seen on the H200, 2026-11-27: 100% relative difference in s4's table and nowhere else).
+PARITY_MODEL = dict(image_size=64, in_channels=1, num_classes=10, num_blocks=(1, 1, 1, 1, 1),
                     channels=(8, 8, 16, 32, 32), heads=(1, 1, 2, 2), dim_head=16, drop_path_rate=0.1)
 # ext only with its CUDA part (why_not without inputs asks only whether the extension builds).
 GRAPH_BACKENDS = [b for b in dispatch.BACKENDS if any(not dispatch.why_not(op, b) for op in dispatch.ops())
@@ -206,7 +210,7 @@ GRAPH_BACKENDS = [b for b in dispatch.BACKENDS if any(not dispatch.why_not(op, b
 def _steps(backend, graphed: bool):
     """GRAPH_STEPS AdamW steps (capturable, tensor rates) on CUDA in fp32, stochastic depth on:
     the losses and the final state dict, running statistics included."""
-    x, y = (t.cuda() for t in data.digits("train").tensors)
+    x, y = (t.cuda() for t in data.digits("train", image_size=PARITY_MODEL["image_size"]).tensors)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[: GRAPH_STEPS * 8].cuda()
     torch.manual_seed(0)
     model = T.build_model(dict(PARITY_MODEL)).cuda()
