@@ -24,11 +24,13 @@ inference is a forward under torch.inference_mode. On a GPU the default is the i
 setting (224x224, batch 128, bf16 autocast, channels_last); on a CPU it is a smoke size (tiny
 model, batch 2, 64x64, fp32) unless --full, --batch or --image-size is given. It prints a
 table and writes JSON (device, versions, commit, settings, one row per provider and mode) and a
-PNG bar chart of images/s beside it.
+PNG bar chart of images/s beside it. Each fused or compiled provider is then checked against the
+eager model with the same weights (``check_against_eager``): a wrong one is flagged, exit code 1.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -443,7 +445,76 @@ def measure(provider: str, model: str, mode: str, settings: dict, device: torch.
         result["ops"] = ops
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    source, backend, _ = parse_provider(provider)
+    if source == "reference" and (backend is not None or compiled):
+        # After the timing, so that first_call_s stays the compile time and the peak memory is the step's.
+        result.update(check_against_eager(net, runner, model, mode, settings, device, x, target, autocast,
+                                          mark_step))
     return result
+
+
+def _rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.detach().float()
+    return ((got.detach().float() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def check_against_eager(net, runner, model: str, mode: str, settings: dict, device: torch.device,
+                        x: torch.Tensor, target: torch.Tensor, autocast, mark_step) -> dict:
+    """What a provider computes against the eager reference model with the same weights (its
+    state_dict at the end of the timing), on the timed batch under the same autocast:
+    inference's logits, or a training step's loss and every parameter's gradient (no optimizer
+    step), as ||got - ref|| / ||ref||. The tolerance is four times the eager model's own error
+    under that autocast against the eager model in fp32 (the rounding any bf16 or fp16 model
+    has), and at least 1e-3: ``correct`` is False when the provider's error is above it, or when
+    it leaves a gradient out that eager computes (or the other way round)."""
+    kwargs = dict(image_size=settings["image_size"], num_classes=1000, **(SMOKE_MODEL if settings["smoke"] else {}))
+    ref = create_model(model, **kwargs)
+    ref.load_state_dict(net.state_dict())
+    memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    ref = ref.to(device).to(memory_format=memory_format)
+    training = mode == "train"
+    net.train(training)
+    ref.train(training)
+
+    def outputs(module, cast, call=None):
+        """{name: fp32 tensor}: the logits, or the loss and each parameter's gradient."""
+        call = call or module
+        if not training:
+            with torch.inference_mode(), cast:
+                return {"logits": call(x).float().clone()}
+        module.zero_grad(set_to_none=True)
+        with cast:
+            loss = F.cross_entropy(call(x), target)
+        loss.backward()
+        found = {"loss": loss.detach().float().clone()}
+        found.update({name: p.grad.detach().float().clone() for name, p in module.named_parameters()
+                      if p.grad is not None})
+        module.zero_grad(set_to_none=True)
+        return found
+
+    def errors(got, want):
+        if got.keys() != want.keys():
+            return None
+        if not training:
+            return {"logits_rel_error": _rel_error(got["logits"], want["logits"])}
+        grads = [n for n in want if n != "loss"]
+        return {"loss_rel_error": _rel_error(got["loss"], want["loss"]),
+                "grads_rel_error": _rel_error(torch.cat([got[n].flatten() for n in grads]),
+                                              torch.cat([want[n].flatten() for n in grads]))}
+
+    mark_step()
+    got = outputs(net, autocast, runner)
+    want = outputs(ref, autocast)
+    exact = outputs(ref, contextlib.nullcontext())
+    del ref
+    found = errors(got, want)
+    scale = max(errors(want, exact).values())
+    tolerance = max(4 * scale, 1e-3)
+    if found is None:
+        missing = sorted(got.keys() ^ want.keys())
+        return {"correct": False, "check_error": f"gradients of {missing[:4]} exist in one model only"}
+    return {**found, "eager_rel_error_vs_fp32": scale, "tolerance": tolerance,
+            "correct": all(v <= tolerance for v in found.values())}
 
 
 def add_speedups(results: List[dict]) -> None:
@@ -492,6 +563,12 @@ def format_table(results: List[dict]) -> str:
     if errors:
         out.append("errors:")
         out += [f"  {r['model']} {r['provider']} {r['mode']}: {r['error'].splitlines()[0]}" for r in errors]
+    wrong = [r for r in results if r.get("correct") is False]
+    if wrong:
+        out.append("incorrect (against the eager model with the same weights; timed all the same):")
+        out += [f"  {r['model']} {r['provider']} {r['mode']}: " + (r.get("check_error") or ", ".join(
+            f"{k} {r[k]:.2e}" for k in ("logits_rel_error", "loss_rel_error", "grads_rel_error") if k in r)
+            + f" > tolerance {r['tolerance']:.2e}") for r in wrong]
     return "\n".join(out)
 
 
@@ -585,7 +662,8 @@ def run(settings: dict, out: Path) -> dict:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    """Run with parsed arguments; 0 when every provider ran, 1 when any recorded an error."""
+    """Run with parsed arguments; 0 when every provider ran and computed what eager computes, 1
+    when any recorded an error or failed check_against_eager."""
     settings = resolve_settings(args)
     out = Path(args.out) if args.out else default_out(torch.device(settings["device"]))
     print(f"benchmarking {settings['models']} on {settings['device']} ({device_description()}): "
@@ -599,7 +677,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     chart = write_chart(payload, out.with_suffix(".png"))
     if chart is not None:
         print(f"wrote {chart}")
-    return 1 if any("error" in r for r in payload["results"]) else 0
+    return 1 if any("error" in r or r.get("correct") is False for r in payload["results"]) else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -104,6 +104,42 @@ def test_failing_and_unknown_providers_are_recorded_and_exit_1(tmp_path, monkeyp
     assert "errors:" in text and "coatnet_0 compile infer: RuntimeError: boom" in text
 
 
+def test_fused_providers_are_checked_against_eager_and_a_wrong_one_fails(tmp_path, monkeypatch, capsys):
+    """After timing, a fused provider's logits (inference) and loss and every gradient (training)
+    are compared with the eager model loaded with its weights. The ext backend's CPU kernels pass;
+    the same provider with its logits scaled by 1.05 (a forward hook on the timed model only) is
+    flagged in both modes, listed under the table, and the exit code is 1."""
+    out = tmp_path / "checked.json"
+    argv = ["bench", "--smoke", "--models", "coatnet_0", "--providers", "eager,backend:ext", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rows = {(r["provider"], r["mode"]): r for r in json.loads(out.read_text())["results"]}
+    assert "correct" not in rows[("eager", "train")]  # the reference itself is not checked
+    train, infer = rows[("backend:ext", "train")], rows[("backend:ext", "infer")]
+    assert train["correct"] and infer["correct"]
+    assert 0 < train["grads_rel_error"] < 1e-5 and train["loss_rel_error"] < 1e-5 and 0 < infer["logits_rel_error"] < 1e-5
+    assert train["tolerance"] == infer["tolerance"] == 1e-3  # fp32: no autocast error to scale by
+
+    real_build = benchmark.build
+
+    def build(provider, model, settings):
+        net, ops = real_build(provider, model, settings)
+        if provider == "backend:ext":
+            net.fc.register_forward_hook(lambda module, args, output: output * 1.05)
+        return net, ops
+
+    monkeypatch.setattr(benchmark, "build", build)
+    capsys.readouterr()
+    assert cli.main(argv) == 1
+    rows = {(r["provider"], r["mode"]): r for r in json.loads(out.read_text())["results"]}
+    train, infer = rows[("backend:ext", "train")], rows[("backend:ext", "infer")]
+    assert train["correct"] is False and infer["correct"] is False
+    assert infer["logits_rel_error"] > 1e-3 and train["grads_rel_error"] > 1e-3
+    assert train["images_per_s"] > 0  # the timing is kept
+    text = capsys.readouterr().out
+    assert "incorrect (against the eager model" in text
+    assert "coatnet_0 backend:ext infer: logits_rel_error" in text and "coatnet_0 backend:ext train: loss_rel_error" in text and "grads_rel_error" in text
+
+
 def test_fused_expands_to_every_usable_backend_without_running_it(tmp_path, monkeypatch, capsys):
     usable = [b for b in dispatch.BACKENDS
               if b != "eager" and any(b in dispatch.usable_backends(op) for op in dispatch.ops())]
