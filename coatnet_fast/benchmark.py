@@ -467,8 +467,7 @@ def check_against_eager(net, runner, model: str, mode: str, settings: dict, devi
     under that autocast against the eager model in fp32 (the rounding any bf16 or fp16 model
     has), and at least 1e-3: ``correct`` is False when the provider's error is above it, or when
     it leaves a gradient out that eager computes (or the other way round)."""
-    kwargs = dict(image_size=settings["image_size"], num_classes=1000, **(SMOKE_MODEL if settings["smoke"] else {}))
-    ref = create_model(model, **kwargs)
+    ref = build("eager", model, settings)[0]
     ref.load_state_dict(net.state_dict())
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     ref = ref.to(device).to(memory_format=memory_format)
