@@ -448,8 +448,12 @@ def measure(provider: str, model: str, mode: str, settings: dict, device: torch.
     source, backend, _ = parse_provider(provider)
     if source == "reference" and (backend is not None or compiled):
         # After the timing, so that first_call_s stays the compile time and the peak memory is the step's.
-        result.update(check_against_eager(net, runner, model, mode, settings, device, x, target, autocast,
-                                          mark_step))
+        try:
+            result.update(check_against_eager(net, runner, model, mode, settings, device, x, target,
+                                              autocast, mark_step))
+        except Exception as e:  # a check that cannot run keeps the timing and fails the run
+            traceback.print_exc()
+            result.update(correct=False, check_error=f"the check failed: {type(e).__name__}: {e}")
     return result
 
 
@@ -477,7 +481,8 @@ def check_against_eager(net, runner, model: str, mode: str, settings: dict, devi
 
     def outputs(module, cast, call=None):
         """{name: fp32 tensor}: the logits, or the loss and each parameter's gradient."""
-        call = call or module
+        # Not `call or module`: a torch.compile'd module raises on truth-testing (its __len__).
+        call = module if call is None else call
         if not training:
             with torch.inference_mode(), cast:
                 return {"logits": call(x).float().clone()}

@@ -140,6 +140,35 @@ def test_fused_providers_are_checked_against_eager_and_a_wrong_one_fails(tmp_pat
     assert "coatnet_0 backend:ext infer: logits_rel_error" in text and "coatnet_0 backend:ext train: loss_rel_error" in text and "grads_rel_error" in text
 
 
+def test_a_compiled_provider_is_checked_and_a_check_that_cannot_run_keeps_the_timing(tmp_path, monkeypatch, capsys):
+    """The check calls a compiled provider through its torch.compile wrapper, which raises on
+    truth-testing (this broke every compiled provider on the H200 on 46adafa). Dynamo's eager
+    backend stands in for Inductor here, so the CPU needs no C++ build; the check must run and
+    pass. A check that raises records check_error and correct=False beside the timing."""
+    real_compile = torch.compile
+
+    def compile_eager(model, mode=None, **kwargs):
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    out = tmp_path / "compiled.json"
+    argv = ["bench", "--smoke", "--models", "coatnet_0", "--providers", "compile", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["train"]["correct"] and rows["infer"]["correct"]
+    assert rows["train"]["grads_rel_error"] < 1e-5 and rows["infer"]["logits_rel_error"] < 1e-5
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no reference here")
+
+    monkeypatch.setattr(benchmark, "check_against_eager", broken)
+    assert cli.main(argv) == 1
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    for row in rows.values():
+        assert row["correct"] is False and row["images_per_s"] > 0 and "error" not in row
+        assert row["check_error"] == "the check failed: RuntimeError: no reference here"
+
+
 def test_fused_expands_to_every_usable_backend_without_running_it(tmp_path, monkeypatch, capsys):
     usable = [b for b in dispatch.BACKENDS
               if b != "eager" and any(b in dispatch.usable_backends(op) for op in dispatch.ops())]
