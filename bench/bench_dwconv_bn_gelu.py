@@ -53,14 +53,18 @@ def providers(device, tiles=(), variants=()):
     return fns
 
 
-_DEFAULTS = {name: getattr(kernels, name) for name in ("DZ_PATH", "ROW_BACKWARD_MAX_WIDTH")}
+_DEFAULTS = {name: getattr(kernels, name) for name in ("DZ_PATH", "ROW_BACKWARD_MAX_WIDTH", "PREFETCH_ROWS",
+                                                   "ROW_ELEMENTS_PER_THREAD", "ROW_MAXNREG")}
 
 
 def configure(provider: str) -> None:
     """The kernel module's knobs for a provider, left set for its whole timed step: ``@scratch``
     the backward's dz in a per-program scratch (DZ_PATH), ``@flattened`` the flattened backward
     (ROW_BACKWARD_MAX_WIDTH 0), ``@bwdCxW`` the row backward's channel block and warps
-    (FORCED_ROW_BACKWARD_TILES), ``@PxCxW`` forced tiles (``use_tiles``); else the defaults."""
+    (FORCED_ROW_BACKWARD_TILES), ``@noprefetch`` the row-streaming kernels without their loads
+    one row ahead (PREFETCH_ROWS), ``@rowsN`` N tile elements a thread in them
+    (ROW_ELEMENTS_PER_THREAD), ``@maxnregN`` their register cap (ROW_MAXNREG), ``@PxCxW`` forced
+    tiles (``use_tiles``); else the defaults."""
     for name, value in _DEFAULTS.items():
         setattr(kernels, name, value)
     kernels.FORCED_ROW_BACKWARD_TILES = None
@@ -70,6 +74,12 @@ def configure(provider: str) -> None:
         kernels.DZ_PATH = "scratch"
     elif variant == "flattened":
         kernels.ROW_BACKWARD_MAX_WIDTH = 0
+    elif variant == "noprefetch":
+        kernels.PREFETCH_ROWS = False
+    elif variant.startswith("rows") and variant[4:].isdigit():
+        kernels.ROW_ELEMENTS_PER_THREAD = int(variant[4:])
+    elif variant.startswith("maxnreg") and variant[7:].isdigit():
+        kernels.ROW_MAXNREG = int(variant[7:])
     elif variant.startswith("bwd"):
         kernels.FORCED_ROW_BACKWARD_TILES = tuple(int(v) for v in variant[len("bwd"):].split("x"))
     elif variant and not variant[:1].isdigit():
@@ -99,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", default="", help="also time the triton backend at these tiles, e.g. 16x64x4,32x64x8 "
                    "(BLOCK_P x BLOCK_C x num_warps)")
     p.add_argument("--variants", default="", help="also time the triton backend's backward variants, e.g. "
-                   "scratch,flattened,bwd16x4 (see configure)")
+                   "scratch,flattened,noprefetch,bwd16x4 (see configure)")
     p.add_argument("--smoke", action="store_true", help="batch 2, 8x8, 16 channels, fp32")
     p.add_argument("--out", help="JSON path (default: bench/results/dwconv_bn_gelu_<device>.json)")
     args = p.parse_args(argv)

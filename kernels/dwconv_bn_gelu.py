@@ -115,6 +115,13 @@ def _conv_tile(X, wts, b, offs_p, p_ok, offs_c, c_ok,
 def _row_taps(X, b, hi, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE: tl.constexpr):
     """x of input row hi under the three column taps (kx = 0, 1, 2) of output columns wo, fp32;
     0 in the padding (a row outside the image is all padding)."""
+    x0, x1, x2 = _row_taps_raw(X, b, hi, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+    return x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32)
+
+
+@triton.jit
+def _row_taps_raw(X, b, hi, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE: tl.constexpr):
+    """``_row_taps`` in x's dtype: a row loaded ahead is held packed (bf16: half the registers)."""
     rows = hi + tl.zeros_like(wo)  # per column: the interpreter turns a mask and'ed with a scalar into int32
     ok = w_ok & (rows >= 0) & (rows < H)
     # The row clamped, so that a padding row's pointers stay within the image's rows (its loads
@@ -125,7 +132,63 @@ def _row_taps(X, b, hi, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, ST
     x0 = tl.load(base + (wi * sx_w)[:, None], mask=(ok & (wi >= 0))[:, None] & mask_c, other=0.0)
     x1 = tl.load(base + ((wi + 1) * sx_w)[:, None], mask=ok[:, None] & mask_c, other=0.0)
     x2 = tl.load(base + ((wi + 2) * sx_w)[:, None], mask=(ok & (wi + 2 < W))[:, None] & mask_c, other=0.0)
-    return x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32)
+    return x0, x1, x2
+
+
+@triton.jit
+def _input_rows(X, b, ho, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE: tl.constexpr):
+    """The input taps ``_conv_row``'s step for output row ho reads, in x's dtype: stride 1, input
+    row ho + 1's three column taps; stride 2, rows 2 ho's and 2 ho + 1's (six). Rows past the
+    image are masked off (all padding), so a load one row ahead of the last is harmless."""
+    if STRIDE == 1:
+        rows = _row_taps_raw(X, b, ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+    else:
+        v0, v1, v2 = _row_taps_raw(X, b, 2 * ho, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        x0, x1, x2 = _row_taps_raw(X, b, 2 * ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        rows = (v0, v1, v2, x0, x1, x2)
+    return rows
+
+
+@triton.jit
+def _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+                STRIDE: tl.constexpr, PREFETCH: tl.constexpr):
+    """What ``_conv_row`` carries into output row 0 of a strip: with PREFETCH, row 0's input taps,
+    loaded ahead; without, a placeholder it passes along untouched."""
+    if PREFETCH:
+        rows = _input_rows(X, b, 0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+    else:
+        rows = tl.zeros([1], tl.int8)
+    return rows
+
+
+@triton.jit
+def _dy_row(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO):
+    """dy at output row ho, columns wo, in its dtype; 0 past the last row (a load ahead of it)."""
+    ok = (w_ok & (ho + tl.zeros_like(wo) < HO))[:, None] & c_ok[None, :]
+    return tl.load((DY + b * sdy_b) + (offs_c[None, :] * sdy_c + (ho * sdy_h + wo * sdy_w)[:, None]),
+                   mask=ok, other=0.0)
+
+
+@triton.jit
+def _dy_ahead(DY, b, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH: tl.constexpr):
+    """What ``_dy_step`` carries into output row 0: row 0's dy with PREFETCH, else a placeholder."""
+    if PREFETCH:
+        dy = _dy_row(DY, b, 0, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO)
+    else:
+        dy = tl.zeros([1], tl.int8)
+    return dy
+
+
+@triton.jit
+def _dy_step(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, dy_next, PREFETCH: tl.constexpr):
+    """(dy of output row ho, what the next step takes): with PREFETCH, row ho's was loaded a step
+    earlier and row ho + 1's is loaded now, as ``_conv_row`` does with x."""
+    if PREFETCH:
+        dy = dy_next
+        dy_next = _dy_row(DY, b, ho + 1, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO)
+    else:
+        dy = _dy_row(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO)
+    return dy, dy_next
 
 
 @triton.jit
@@ -155,34 +218,44 @@ def _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, 
 
 
 @triton.jit
-def _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, sx_b, sx_c, sx_h, sx_w, H, W,
-              STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows, sx_b, sx_c, sx_h, sx_w, H, W,
+              STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
     """(conv output row ho at columns wo, fp32; the carried sums for row ho + 1; the taps it
-    loaded: input row ho + 1's, or with stride 2 rows 2 ho's and 2 ho + 1's, six tiles). Rows
-    stream: each input row is loaded once a strip (three column taps) and feeds every output row
-    it reaches, so an output element costs three tile loads, not nine (stride 2: six). Callers
-    that do not use the taps leave them to the compiler to drop."""
+    used: input row ho + 1's, or with stride 2 rows 2 ho's and 2 ho + 1's, six tiles; ``rows``
+    for the next call). Rows stream: each input row is loaded once a strip (three column taps)
+    and feeds every output row it reaches, so an output element costs three tile loads, not nine
+    (stride 2: six). Callers that do not use the taps leave them to the compiler to drop.
+    With PREFETCH, ``rows`` holds this row's input taps, loaded a step earlier (``_rows_ahead``
+    for row 0), and the next row's are loaded here, before any arithmetic: a program waits on
+    memory once a row, and the wait then overlaps a row's work instead of following it (on an
+    H200 the streaming kernels took about one memory latency a row: 392 rows of S1's strips,
+    ~1.3 us each)."""
+    if PREFETCH:
+        cur = rows
+        rows = _input_rows(X, b, ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+    else:
+        cur = _input_rows(X, b, ho, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
     if STRIDE == 1:  # input row ho + 1 completes row ho (ky = 2) and feeds rows ho + 1 and ho + 2
-        x0, x1, x2 = _row_taps(X, b, ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        x0, x1, x2 = cur[0].to(tl.float32), cur[1].to(tl.float32), cur[2].to(tl.float32)
         z = _row_acc(acc_a, x0, x1, x2, wts, 2)
         acc_a = _row_acc(acc_b, x0, x1, x2, wts, 1)
         acc_b = _row_acc(tl.zeros([BLOCK_W, BLOCK_C], tl.float32), x0, x1, x2, wts, 0)
         taps = (x0, x1, x2)
     else:  # input rows 2 ho (ky = 1) and 2 ho + 1 (ky = 2; and ky = 0 of row ho + 1)
-        v0, v1, v2 = _row_taps(X, b, 2 * ho, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        v0, v1, v2 = cur[0].to(tl.float32), cur[1].to(tl.float32), cur[2].to(tl.float32)
         z = _row_acc(acc_a, v0, v1, v2, wts, 1)
-        x0, x1, x2 = _row_taps(X, b, 2 * ho + 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        x0, x1, x2 = cur[3].to(tl.float32), cur[4].to(tl.float32), cur[5].to(tl.float32)
         z = _row_acc(z, x0, x1, x2, wts, 2)
         acc_a = _row_acc(tl.zeros([BLOCK_W, BLOCK_C], tl.float32), x0, x1, x2, wts, 0)
         taps = (v0, v1, v2, x0, x1, x2)
-    return z, acc_a, acc_b, taps
+    return z, acc_a, acc_b, taps, rows
 
 
 @triton.jit
 def _stats(X, WT, MEAN, M2,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
            C, H, W, HO, WO,
-           STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+           STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, FORWARD_CHANNEL_VECTOR)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
@@ -194,9 +267,10 @@ def _stats(X, WT, MEAN, M2,
         w_ok = wo < WO
         acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
+        rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
         for ho in range(0, HO):
-            z, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
-                                               sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            z, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
+                                                     sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C, PREFETCH)
             count, mean, m2 = welford_update(count, mean, m2, z, w_ok)
     mean, m2 = welford_total(count, mean, m2)
     tl.store(MEAN + b * C + offs_c, mean, mask=c_ok)
@@ -208,7 +282,7 @@ def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sy_b, sy_c, sy_h, sy_w,
            C, H, W, HO, WO,
            STRIDE: tl.constexpr, HAS_POOL: tl.constexpr,
-           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, FORWARD_CHANNEL_VECTOR)
     c_ok = offs_c < C
     scale, shift = bn_scale_shift(MEAN, RSTD, GAMMA, BETA, offs_c, c_ok)
@@ -221,9 +295,10 @@ def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
         y_strip = (Y + b * sy_b) + (offs_c[None, :] * sy_c + (wo * sy_w)[:, None])
         acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
+        rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
         for ho in range(0, HO):
-            u, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
-                                               sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
+            u, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
+                                                     sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C, PREFETCH)
             y = gelu(u * scale[None, :] + shift[None, :])
             tl.store(y_strip + ho * sy_h, y.to(Y.dtype.element_ty), mask=ok)
             if HAS_POOL:
@@ -259,15 +334,14 @@ def _training_means(DBETA, DGAMMA, offs_c, c_ok, inv_count, TRAINING: tl.constex
 
 
 @triton.jit
-def _du_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL: tl.constexpr):
-    """From the conv output z at positions (ho, wo): du = d(loss)/du through GELU, and xhat
-    (fp32 tiles; du is 0 outside the image and the channels)."""
+def _du_from(z, bn, dy, p_ok, c_ok, HAS_DPOOL: tl.constexpr):
+    """From the conv output z and dy at the same positions (tiles): du = d(loss)/du through
+    GELU, and xhat (fp32 tiles; du is 0 outside the image and the channels)."""
     mean, rstd, gamma, beta, dpool = bn
     xhat = (z - mean[None, :]) * rstd[None, :]
     u = xhat * gamma[None, :] + beta[None, :]
     ok = p_ok[:, None] & c_ok[None, :]
-    dy = tl.load((DY + b * sdy_b) + (offs_c[None, :] * sdy_c + (ho * sdy_h + wo * sdy_w)[:, None]),
-                 mask=ok, other=0.0).to(tl.float32)
+    dy = dy.to(tl.float32)
     if HAS_DPOOL:
         dy += dpool[None, :]
     du = tl.where(ok, dy * gelu_grad(u), 0.0)
@@ -275,12 +349,11 @@ def _du_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w,
 
 
 @triton.jit
-def _dz_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, mean_dbeta, mean_dgamma, sdy_b, sdy_c, sdy_h, sdy_w,
-           HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr):
-    """dz, the gradient at the conv output, at positions (ho, wo) from their conv output z:
+def _dz_from(z, bn, dy, p_ok, c_ok, mean_dbeta, mean_dgamma, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr):
+    """dz, the gradient at the conv output, from the conv output z and dy at the same positions:
     GELU's and BatchNorm's backward (training: batch statistics depend on every input). fp32, 0
     outside the image and the channels (the training correction would fill masked rows)."""
-    du, xhat = _du_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
+    du, xhat = _du_from(z, bn, dy, p_ok, c_ok, HAS_DPOOL)
     _, rstd, gamma, _, _ = bn
     if TRAINING:
         du = du - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
@@ -288,10 +361,20 @@ def _dz_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, mean_dbeta, mean_dgamma, sd
 
 
 @triton.jit
+def _dz_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, mean_dbeta, mean_dgamma, sdy_b, sdy_c, sdy_h, sdy_w,
+           HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr):
+    """``_dz_from`` at positions (ho, wo), dy loaded here."""
+    dy = tl.load((DY + b * sdy_b) + (offs_c[None, :] * sdy_c + (ho * sdy_h + wo * sdy_w)[:, None]),
+                 mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+    return _dz_from(z, bn, dy, p_ok, c_ok, mean_dbeta, mean_dgamma, HAS_DPOOL, TRAINING)
+
+
+@triton.jit
 def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
                 C, H, W, HO, WO, inv_p,
-                STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                PREFETCH: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
@@ -303,10 +386,14 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
         w_ok = wo < WO
         acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
+        rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
+        dy_next = _dy_ahead(DY, b, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
         for ho in range(0, HO):
-            z, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
-                                               sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
-            du, xhat = _du_at(z, bn, DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL)
+            dy, dy_next = _dy_step(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, dy_next,
+                                   PREFETCH)
+            z, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
+                                                     sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C, PREFETCH)
+            du, xhat = _du_from(z, bn, dy, w_ok, c_ok, HAS_DPOOL)
             sum_du += du
             sum_du_xhat += du * xhat
     tl.store(SUM_DU + b * C + offs_c, tl.sum(sum_du, 0), mask=c_ok)
@@ -500,9 +587,10 @@ def _bwd_dx_rows(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, D
     acc_a, acc_b, v0, v1, v2 = _conv_rows_start(X, wts, b, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                 STRIDE, BLOCK_WO, BLOCK_C)
     u0, u1, u2 = zero, zero, zero
+    rows = _rows_ahead(X, b, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, False)
     for ho in range(0, HO):
-        z, acc_a, acc_b, taps = _conv_row(X, wts, b, ho, wo, wo_ok, offs_c, c_ok, acc_a, acc_b,
-                                          sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_WO, BLOCK_C)
+        z, acc_a, acc_b, taps, rows = _conv_row(X, wts, b, ho, wo, wo_ok, offs_c, c_ok, acc_a, acc_b, rows,
+                                                sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_WO, BLOCK_C, False)
         if STRIDE == 1:
             x0, x1, x2 = taps
         else:
@@ -535,7 +623,7 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
             sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w, sdz_b, sdz_c, sdz_h, sdz_w,
             C, H, W, HO, WO, inv_p, inv_count,
             STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
-            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
     """dz, the gradient at the conv output (recompute, then GELU's and BatchNorm's backward),
     into DZ [B, C, HO, WO]; strips streamed down the rows as in ``_bwd_reduce``."""
     b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
@@ -550,11 +638,14 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
         dz_strip = (DZ + b * sdz_b) + (offs_c[None, :] * sdz_c + (wo * sdz_w)[:, None])
         acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
+        rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
+        dy_next = _dy_ahead(DY, b, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
         for ho in range(0, HO):
-            z, acc_a, acc_b, _taps = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b,
-                                               sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C)
-            dz = _dz_at(z, bn, DY, b, ho, wo, w_ok, offs_c, c_ok, mean_dbeta, mean_dgamma,
-                        sdy_b, sdy_c, sdy_h, sdy_w, HAS_DPOOL, TRAINING)
+            dy, dy_next = _dy_step(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, dy_next,
+                                   PREFETCH)
+            z, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
+                                                     sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C, PREFETCH)
+            dz = _dz_from(z, bn, dy, w_ok, c_ok, mean_dbeta, mean_dgamma, HAS_DPOOL, TRAINING)
             tl.store(dz_strip + ho * sdz_h, dz.to(DZ.dtype.element_ty), mask=ok)
 
 
@@ -672,7 +763,7 @@ def _row_blocks(x: torch.Tensor, channels: int, width_out: int):
     else:
         block_w = max(8, min(64, next_power_of_2(width_out)))
         block_c = min(max(16, next_power_of_2(channels)), 1024 // block_w)
-    return block_w, block_c, max(1, block_w * block_c // 256)
+    return block_w, block_c, max(1, block_w * block_c // (32 * ROW_ELEMENTS_PER_THREAD))
 
 
 # Widest input row the row backwards (``_bwd_dx_dw``, ``_bwd_dx_rows``) take: they hold a whole
@@ -690,6 +781,24 @@ ROW_BACKWARD_MAX_WIDTH = 256
 # backward, one 8-warp program an SM (217 registers) waiting on a barrier every row, took about
 # 4 ms of a CoAtNet S1 step's 4.8, where its bytes need 0.2.
 DZ_PATH = "memory"
+# Whether the row-streaming kernels (``_stats``, ``_apply``, ``_bwd_reduce``, ``_bwd_dz``) load
+# each row's input taps (and dy) one row ahead (``_conv_row``). The H200 profile of 46adafa
+# (bench/results/profile_ops_h200_46adafa.json) had them at one memory latency a row and at 1.2 to
+# 1.7 TB/s; ``bench_dwconv_bn_gelu.py --variants noprefetch`` times them without it.
+PREFETCH_ROWS = True
+# Tile elements a thread of the row-streaming kernels holds (num_warps follows from the tile);
+# and a register cap for them (ptxas's ``maxnreg``; None: the compiler's choice). Loading a row
+# ahead holds it in registers: ptxas (triton 3.9, sm_90a, bf16 channels_last) takes _bwd_reduce
+# from 168 registers to 185-210 and the stride-2 _stats and pooled _apply to 202-208, which at 4
+# warps fits two programs an SM instead of three. The GPU sweep (``--variants rows4,maxnreg168``)
+# says which of fewer elements a thread or a cap keeps the occupancy at less cost.
+ROW_ELEMENTS_PER_THREAD = 8
+ROW_MAXNREG: Optional[int] = None
+
+
+def _row_launch(warps: int) -> dict:
+    """The row-streaming kernels' launch options."""
+    return {"num_warps": warps} if ROW_MAXNREG is None else {"num_warps": warps, "maxnreg": ROW_MAXNREG}
 
 
 def _dz_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
@@ -783,7 +892,7 @@ def batch_stats(x, weight, stride: int, running=None):
     _stats[(image_channel_grid(batch, channels, block_c),)](
         x, taps, means, m2s, *x.stride(), *tap_strides,
         channels, height, width, ho, wo,
-        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
+        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps),
     )
     return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo,
                        running=running)
@@ -805,7 +914,7 @@ def apply(x, weight, mean, rstd, gamma, beta, stride: int, pool: bool):
         *x.stride(), *tap_strides, *y.stride(),
         channels, height, width, ho, wo,
         STRIDE=stride, HAS_POOL=pool,
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
+        BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps),
     )
     return y, sums
 
@@ -825,7 +934,8 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     _bwd_reduce[(image_channel_grid(batch, channels, block_c),)](
         x, taps, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
         channels, height, width, ho, wo, 1.0,
-        STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps,
+        STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
+        **_row_launch(warps),
     )
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)  # not views of one tensor: the custom op returns them
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
@@ -839,7 +949,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
             x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
             channels, height, width, ho, wo, 1.0, inv_count,
             STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_W=block_w, BLOCK_C=block_c,
-            num_warps=warps,
+            PREFETCH=PREFETCH_ROWS, **_row_launch(warps),
         )
         block_wo, block_wi, block_c, warps = _dz_row_blocks(x, channels, width, wo)
         _bwd_dx_dw[(image_channel_grid(batch, channels, block_c),)](

@@ -234,6 +234,8 @@ def main() -> int:
     parser.add_argument("--loops", action="store_true", help="add SASS instruction counts: all, and per loop body")
     parser.add_argument("--kernels", nargs="*", help="only these kernels (e.g. _apply _bwd)")
     parser.add_argument("--layouts", nargs="*", help="only these layouts (rows, channels_last, nchw)")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="the depthwise row-streaming kernels without their loads a row ahead")
     args = parser.parse_args()
     failed = 0
     for kernel, act, constexprs, options, layout in cases():
@@ -242,6 +244,8 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         fixed = constexprs.pop("FIXED", False)
+        if "PREFETCH" in kernel.arg_names and "PREFETCH" not in constexprs:  # as the launchers pass it
+            constexprs["PREFETCH"] = dw.PREFETCH_ROWS and not args.no_prefetch
         try:
             compiled = triton.compile(source(kernel, act, constexprs, layout), target=TARGET, options=options)
             if fixed and compiled.metadata.shared > FIXED_SHARED_MAX:

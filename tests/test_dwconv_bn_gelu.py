@@ -454,6 +454,35 @@ def test_triton_every_tile_choice(tiles, channels_last, backward, device, monkey
         check("triton", (2, 21, 9, 7), stride, training, channels_last, torch.float32, device)
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["rows_ahead", "no_rows_ahead"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_rows_loaded_ahead_or_not(prefetch, channels_last, device, monkeypatch):
+    """The row-streaming kernels with their loads one row ahead (the default) and without, both
+    strides, train and eval, several strips and channel blocks, odd sizes: each run checked
+    against float64, and the launches show which way the kernels were built."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    streaming = ("_stats", "_apply", "_bwd_reduce", "_bwd_dz")
+    built = []
+    for name in streaming:
+        kernel = getattr(kernels, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                def run(*args, **kwargs):
+                    built.append((name, kwargs["PREFETCH"]))
+                    return kernel[grid](*args, **kwargs)
+                return run
+
+        monkeypatch.setattr(kernels, name, Spy())
+    monkeypatch.setattr(kernels, "PREFETCH_ROWS", prefetch)
+    monkeypatch.setattr(kernels, "FORCED_TILES", (4, 16, 4))
+    for stride, training in ((1, True), (2, True), (1, False), (2, False)):
+        check("triton", (2, 21, 11, 9), stride, training, channels_last, torch.float32, device)
+    assert {name for name, _ in built} == set(streaming)
+    assert all(flag is prefetch for _, flag in built)
+
+
 def _ring_reach(height, width, stride, block_p):
     """What _bwd_dx's ring must hold, by walking its loop in Python: the most output positions
     between the oldest dz a chunk of input positions reads (or the chunk before it read) and
@@ -554,11 +583,16 @@ def test_triton_backward_allocations(stride, backward, device, monkeypatch):
     assert sorted(allocated)[-2:] == [scratch, x.numel()], allocated  # the scratch, then dx
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["rows_ahead", "no_rows_ahead"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_triton_one_and_two_row_or_column_images(channels_last, device):
+def test_triton_one_and_two_row_or_column_images(channels_last, prefetch, device, monkeypatch):
     """The row kernels' first and last rows and columns at once: images of one or two rows or
     columns (every row a boundary row, the stride-2 row pairs cut short), both strides, train
-    and eval, in one place rather than left to the fuzzed shapes' draws."""
+    and eval, in one place rather than left to the fuzzed shapes' draws. With and without the
+    loads one row ahead (PREFETCH_ROWS), whose last one falls past the image."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    monkeypatch.setattr(kernels, "PREFETCH_ROWS", prefetch)
     for h, w in ((1, 1), (1, 2), (2, 1), (2, 2), (1, 5), (5, 1), (2, 7), (3, 2)):
         for stride in (1, 2):
             for training in (True, False):
