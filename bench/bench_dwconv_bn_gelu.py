@@ -78,8 +78,8 @@ def configure(provider: str) -> None:
         kernels.PREFETCH_ROWS = False
     elif variant.startswith("rows") and variant[4:].isdigit():
         kernels.ROW_ELEMENTS_PER_THREAD = int(variant[4:])
-    elif variant.startswith("maxnreg") and variant[7:].isdigit():
-        kernels.ROW_MAXNREG = int(variant[7:])
+    elif variant.startswith("maxnreg") and variant[7:].isdigit():  # maxnreg0: no cap
+        kernels.ROW_MAXNREG = int(variant[7:]) or None
     elif variant.startswith("bwd"):
         kernels.FORCED_ROW_BACKWARD_TILES = tuple(int(v) for v in variant[len("bwd"):].split("x"))
     elif variant and not variant[:1].isdigit():

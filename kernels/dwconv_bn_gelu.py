@@ -790,15 +790,24 @@ PREFETCH_ROWS = True
 # and a register cap for them (ptxas's ``maxnreg``; None: the compiler's choice). Loading a row
 # ahead holds it in registers: ptxas (triton 3.9, sm_90a, bf16 channels_last) takes _bwd_reduce
 # from 168 registers to 185-210 and the stride-2 _stats and pooled _apply to 202-208, which at 4
-# warps fits two programs an SM instead of three. The GPU sweep (``--variants rows4,maxnreg168``)
-# says which of fewer elements a thread or a cap keeps the occupancy at less cost.
+# warps fits two programs an SM instead of three. The H200 sweep of ed0d4dc
+# (bench/results/dwconv_bn_gelu_h200_ed0d4dc.json, training forward+backward, graph ms), rows
+# ahead without a cap / with a cap of 168 / 4 elements a thread / no rows ahead:
+#   S1 56x56 C384      2.828 / 2.425 / 2.827 / 2.562
+#   S2 28x28 C384      0.933 / 0.901 / 0.740 / 1.119
+#   S2 28x28 C768      1.253 / 1.230 / 1.431 / 1.434
+# so rows ahead under the cap is the default (four elements a thread wins at S2 C384 only).
 ROW_ELEMENTS_PER_THREAD = 8
-ROW_MAXNREG: Optional[int] = None
+ROW_MAXNREG: Optional[int] = 168
 
 
-def _row_launch(warps: int) -> dict:
-    """The row-streaming kernels' launch options."""
-    return {"num_warps": warps} if ROW_MAXNREG is None else {"num_warps": warps, "maxnreg": ROW_MAXNREG}
+def _row_launch(warps: int, x: torch.Tensor) -> dict:
+    """The row-streaming kernels' launch options. The register cap goes to 16-bit channels_last
+    launches only, the ones measured: ptxas spills 4 to 152 bytes there under it, and 200 to 580
+    in several fp32 and NCHW tiles (``tests/compile_for_gpu.py --ptxas``), unmeasured on a GPU."""
+    capped = (ROW_MAXNREG is not None and x.element_size() == 2
+              and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    return {"num_warps": warps, "maxnreg": ROW_MAXNREG} if capped else {"num_warps": warps}
 
 
 def _dz_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
@@ -892,7 +901,7 @@ def batch_stats(x, weight, stride: int, running=None):
     _stats[(image_channel_grid(batch, channels, block_c),)](
         x, taps, means, m2s, *x.stride(), *tap_strides,
         channels, height, width, ho, wo,
-        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps),
+        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x),
     )
     return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo,
                        running=running)
@@ -914,7 +923,7 @@ def apply(x, weight, mean, rstd, gamma, beta, stride: int, pool: bool):
         *x.stride(), *tap_strides, *y.stride(),
         channels, height, width, ho, wo,
         STRIDE=stride, HAS_POOL=pool,
-        BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps),
+        BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x),
     )
     return y, sums
 
@@ -935,7 +944,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
         x, taps, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
         channels, height, width, ho, wo, 1.0,
         STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
-        **_row_launch(warps),
+        **_row_launch(warps, x),
     )
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)  # not views of one tensor: the custom op returns them
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
@@ -949,7 +958,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
             x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
             channels, height, width, ho, wo, 1.0, inv_count,
             STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_W=block_w, BLOCK_C=block_c,
-            PREFETCH=PREFETCH_ROWS, **_row_launch(warps),
+            PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x),
         )
         block_wo, block_wi, block_c, warps = _dz_row_blocks(x, channels, width, wo)
         _bwd_dx_dw[(image_channel_grid(batch, channels, block_c),)](

@@ -246,6 +246,11 @@ def main() -> int:
         fixed = constexprs.pop("FIXED", False)
         if "PREFETCH" in kernel.arg_names and "PREFETCH" not in constexprs:  # as the launchers pass it
             constexprs["PREFETCH"] = dw.PREFETCH_ROWS and not args.no_prefetch
+            if "BLOCK_W" in constexprs:  # the row-streaming launches' register cap
+                like = torch.empty((1, 1, 1, 1), dtype=DTYPES[act])
+                if layout == "channels_last":
+                    like = torch.empty((1, 2, 2, 2), dtype=like.dtype).to(memory_format=torch.channels_last)
+                options = dw._row_launch(options["num_warps"], like)
         try:
             compiled = triton.compile(source(kernel, act, constexprs, layout), target=TARGET, options=options)
             if fixed and compiled.metadata.shared > FIXED_SHARED_MAX:
