@@ -23,7 +23,10 @@
 # sits in the checkout (.ext_cache/, git-ignored), which the device keeps between calls. Second
 # session of 2026-11-27 (H200): a fresh machine started in ~40 s; the host stage with a BASELINE
 # took ~45 s; the model benchmark with eager and backend:triton ~70 s (Triton's first training
-# step 32 s); 25 CUDA test cases of the depthwise op ~100 s (each new tile a compile).
+# step 32 s); 25 CUDA test cases of the depthwise op ~100 s (each new tile a compile). Fifth
+# session (H200): backend:triton:compile:graphs' first training step 75 s, compile:graphs' 57 s;
+# the depthwise benchmark, training only, three variants, ~100 s; the profile stage with
+# --ops dwconv_bn_gelu,model --providers triton --iters 5 ~120 s.
 # Each stage has its own time limit and writes its results as it goes, so a cut-off stage
 # still leaves the earlier ones under $OUT; narrow them with the *_ARGS variables.
 set -uo pipefail
