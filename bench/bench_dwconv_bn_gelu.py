@@ -40,7 +40,7 @@ def eager_op(x, w, g, b, rm, rv, training):
 
 def providers(device, tiles=(), variants=()):
     """name -> fn; ``triton@PxCxW`` runs the triton backend with forced tiles (``use_tiles``),
-    ``triton@<variant>`` with one of ``configure``'s backward variants."""
+    ``triton@<variant>`` with one of ``configure``'s variants (backward paths, row-streaming knobs)."""
     fns = with_compiled_peer(eager_op, device)  # providers() is called per shape and mode
     for backend in dispatch.BACKENDS:
         if backend != "eager" and not dispatch.why_not("dwconv_bn_gelu", backend):
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="train,eval")
     p.add_argument("--tiles", default="", help="also time the triton backend at these tiles, e.g. 16x64x4,32x64x8 "
                    "(BLOCK_P x BLOCK_C x num_warps)")
-    p.add_argument("--variants", default="", help="also time the triton backend's backward variants, e.g. "
+    p.add_argument("--variants", default="", help="also time the triton backend's variants (backward paths, row-streaming knobs), e.g. "
                    "scratch,flattened,noprefetch,bwd16x4 (see configure)")
     p.add_argument("--smoke", action="store_true", help="batch 2, 8x8, 16 channels, fp32")
     p.add_argument("--out", help="JSON path (default: bench/results/dwconv_bn_gelu_<device>.json)")

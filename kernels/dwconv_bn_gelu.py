@@ -745,8 +745,8 @@ def _blocks(x: torch.Tensor, channels: int):
 
 def _row_blocks(x: torch.Tensor, channels: int, width_out: int):
     """(BLOCK_W, BLOCK_C, num_warps) of the row-streaming kernels (``_stats``, ``_apply``,
-    ``_bwd_reduce``): strips BLOCK_W output columns wide, BLOCK_C channels deep, eight elements
-    a thread as in ``_blocks``. channels_last reads channels contiguously, so the channel block
+    ``_bwd_reduce``, ``_bwd_dz``): strips BLOCK_W output columns wide, BLOCK_C channels deep,
+    ROW_ELEMENTS_PER_THREAD (eight) elements a thread as in ``_blocks``. channels_last reads channels contiguously, so the channel block
     is the wide side, and each side is the power of two that pads the image least (CoAtNet-0's
     MBConv: 384 or 768 channels at 128 a block; 56 columns at 8 a strip, 28 at 4), since a
     padded column or channel costs as much as a real one. NCHW reads columns contiguously: a
@@ -784,15 +784,17 @@ DZ_PATH = "memory"
 # Whether the row-streaming kernels (``_stats``, ``_apply``, ``_bwd_reduce``, ``_bwd_dz``) load
 # each row's input taps (and dy) one row ahead (``_conv_row``). The H200 profile of 46adafa
 # (bench/results/profile_ops_h200_46adafa.json) had them at one memory latency a row and at 1.2 to
-# 1.7 TB/s; ``bench_dwconv_bn_gelu.py --variants noprefetch`` times them without it.
+# 1.7 TB/s; ``bench_dwconv_bn_gelu.py --variants noprefetch`` times them without it (under the
+# register cap below, which that variant keeps; ``maxnreg0`` lifts the cap).
 PREFETCH_ROWS = True
 # Tile elements a thread of the row-streaming kernels holds (num_warps follows from the tile);
 # and a register cap for them (ptxas's ``maxnreg``; None: the compiler's choice). Loading a row
 # ahead holds it in registers: ptxas (triton 3.9, sm_90a, bf16 channels_last) takes _bwd_reduce
 # from 168 registers to 185-210 and the stride-2 _stats and pooled _apply to 202-208, which at 4
 # warps fits two programs an SM instead of three. The H200 sweep of ed0d4dc
-# (bench/results/dwconv_bn_gelu_h200_ed0d4dc.json, training forward+backward, graph ms), rows
-# ahead without a cap / with a cap of 168 / 4 elements a thread / no rows ahead:
+# (bench/results/dwconv_bn_gelu_h200_ed0d4dc.json, training forward+backward, graph ms; taken
+# before the cap was a default, so only its own column is capped), rows ahead without a cap /
+# with a cap of 168 / 4 elements a thread / no rows ahead:
 #   S1 56x56 C384      2.828 / 2.425 / 2.827 / 2.562
 #   S2 28x28 C384      0.933 / 0.901 / 0.740 / 1.119
 #   S2 28x28 C768      1.253 / 1.230 / 1.431 / 1.434
