@@ -798,16 +798,20 @@ PREFETCH_ROWS = True
 #   S1 56x56 C384      2.828 / 2.425 / 2.827 / 2.562
 #   S2 28x28 C384      0.933 / 0.901 / 0.740 / 1.119
 #   S2 28x28 C768      1.253 / 1.230 / 1.431 / 1.434
-# so rows ahead under the cap is the default (four elements a thread wins at S2 C384 only).
+# so rows ahead is the default, under the cap at stride 1 (``_row_launch``: at stride 2 the cap
+# makes ptxas spill, for 2 to 3%); four elements a thread wins at S2 C384 only.
 ROW_ELEMENTS_PER_THREAD = 8
 ROW_MAXNREG: Optional[int] = 168
 
 
-def _row_launch(warps: int, x: torch.Tensor) -> dict:
+def _row_launch(warps: int, x: torch.Tensor, stride: int) -> dict:
     """The row-streaming kernels' launch options. The register cap goes to 16-bit channels_last
-    launches only, the ones measured: ptxas spills 4 to 152 bytes there under it, and 200 to 580
-    in several fp32 and NCHW tiles (``tests/compile_for_gpu.py --ptxas``), unmeasured on a GPU."""
-    capped = (ROW_MAXNREG is not None and x.element_size() == 2
+    launches at stride 1 only: under it ptxas spills at most 4 bytes there, but 40 to 152 at
+    stride 2 (``_bwd_reduce``), and 200 to 580 in several fp32 and NCHW tiles
+    (``tests/compile_for_gpu.py --ptxas``, triton 3.9), which ``test_kernels_compile`` forbids on
+    the fast path. The cap paid most at stride 1 (S1 2.828 -> 2.425 ms; stride 2: 0.933 -> 0.901
+    and 1.253 -> 1.230)."""
+    capped = (ROW_MAXNREG is not None and stride == 1 and x.element_size() == 2
               and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
     return {"num_warps": warps, "maxnreg": ROW_MAXNREG} if capped else {"num_warps": warps}
 
@@ -903,7 +907,7 @@ def batch_stats(x, weight, stride: int, running=None):
     _stats[(image_channel_grid(batch, channels, block_c),)](
         x, taps, means, m2s, *x.stride(), *tap_strides,
         channels, height, width, ho, wo,
-        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x),
+        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x, stride),
     )
     return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo,
                        running=running)
@@ -925,7 +929,7 @@ def apply(x, weight, mean, rstd, gamma, beta, stride: int, pool: bool):
         *x.stride(), *tap_strides, *y.stride(),
         channels, height, width, ho, wo,
         STRIDE=stride, HAS_POOL=pool,
-        BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x),
+        BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x, stride),
     )
     return y, sums
 
@@ -946,7 +950,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
         x, taps, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
         channels, height, width, ho, wo, 1.0,
         STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
-        **_row_launch(warps, x),
+        **_row_launch(warps, x, stride),
     )
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)  # not views of one tensor: the custom op returns them
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
@@ -960,7 +964,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
             x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
             channels, height, width, ho, wo, 1.0, inv_count,
             STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_W=block_w, BLOCK_C=block_c,
-            PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x),
+            PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x, stride),
         )
         block_wo, block_wi, block_c, warps = _dz_row_blocks(x, channels, width, wo)
         _bwd_dx_dw[(image_channel_grid(batch, channels, block_c),)](

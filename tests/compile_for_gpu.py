@@ -250,7 +250,7 @@ def main() -> int:
                 like = torch.empty((1, 1, 1, 1), dtype=DTYPES[act])
                 if layout == "channels_last":
                     like = torch.empty((1, 2, 2, 2), dtype=like.dtype).to(memory_format=torch.channels_last)
-                options = dw._row_launch(options["num_warps"], like)
+                options = dw._row_launch(options["num_warps"], like, constexprs["STRIDE"])
         try:
             compiled = triton.compile(source(kernel, act, constexprs, layout), target=TARGET, options=options)
             if fixed and compiled.metadata.shared > FIXED_SHARED_MAX:

@@ -508,20 +508,20 @@ def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
         setattr(kernels, name, Counted(name))
     try:
         assert bench_dwconv_bn_gelu.main(["--smoke", "--modes", "train", "--tiles", "16x16x2", "--variants",
-                                          "scratch,flattened,bwd8x2,noprefetch,rows4,maxnreg0", "--out", str(out)]) == 0
+                                          "scratch,flattened,bwd8x2,noprefetch,maxnreg0", "--out", str(out)]) == 0
     finally:
         for name, kernel in real.items():
             setattr(kernels, name, kernel)
     rows = json.loads(out.read_text())["results"]
     assert {r["provider"] for r in rows} >= {"triton", "triton@16x16x2", "triton@scratch", "triton@flattened",
-                                             "triton@bwd8x2", "triton@noprefetch", "triton@rows4", "triton@maxnreg0"}
+                                             "triton@bwd8x2", "triton@noprefetch", "triton@maxnreg0"}
     assert all(r["correct"] for r in rows if "correct" in r) and kernels.FORCED_TILES is None
     assert kernels.DZ_PATH == "memory" and kernels.ROW_BACKWARD_MAX_WIDTH == 256
     assert kernels.FORCED_ROW_BACKWARD_TILES is None
     # each variant's backward ran its kernel (the forced row tiles with it)
     assert {("_bwd_dx_rows", None), ("_bwd_dx", None), ("_bwd_dx_dw", (8, 2)), ("_bwd_dx_dw", None)} <= set(launches)
     assert (kernels.PREFETCH_ROWS, kernels.ROW_ELEMENTS_PER_THREAD, kernels.ROW_MAXNREG) == (True, 8, 168)
-    assert {("_bwd_reduce", (True, 8, 168)), ("_bwd_reduce", (False, 8, 168)), ("_bwd_reduce", (True, 4, 168)),
+    assert {("_bwd_reduce", (True, 8, 168)), ("_bwd_reduce", (False, 8, 168)),
             ("_bwd_reduce", (True, 8, None))} <= set(launches)
 
 

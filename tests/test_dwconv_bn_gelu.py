@@ -455,11 +455,12 @@ def test_triton_every_tile_choice(tiles, channels_last, backward, device, monkey
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["rows_ahead", "no_rows_ahead"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_triton_rows_loaded_ahead_or_not(prefetch, channels_last, device, monkeypatch):
+def test_triton_rows_loaded_ahead_or_not(prefetch, device, monkeypatch):
     """The row-streaming kernels with their loads one row ahead (the default) and without, both
-    strides, train and eval, several strips and channel blocks, odd sizes: each run checked
-    against float64, and the launches show which way the kernels were built."""
+    strides, train and eval, several strips and channel blocks, odd sizes, channels_last (the
+    fast path; the other tests run NCHW with the default): each run checked against float64,
+    and the launches show which way the kernels were built."""
+    channels_last = True
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     streaming = ("_stats", "_apply", "_bwd_reduce", "_bwd_dz")
@@ -583,16 +584,12 @@ def test_triton_backward_allocations(stride, backward, device, monkeypatch):
     assert sorted(allocated)[-2:] == [scratch, x.numel()], allocated  # the scratch, then dx
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["rows_ahead", "no_rows_ahead"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_triton_one_and_two_row_or_column_images(channels_last, prefetch, device, monkeypatch):
+def test_triton_one_and_two_row_or_column_images(channels_last, device):
     """The row kernels' first and last rows and columns at once: images of one or two rows or
     columns (every row a boundary row, the stride-2 row pairs cut short), both strides, train
-    and eval, in one place rather than left to the fuzzed shapes' draws. With and without the
-    loads one row ahead (PREFETCH_ROWS), whose last one falls past the image."""
-    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
-
-    monkeypatch.setattr(kernels, "PREFETCH_ROWS", prefetch)
+    and eval, in one place rather than left to the fuzzed shapes' draws. The loads one row ahead
+    (PREFETCH_ROWS, the default) make their last load past the image here."""
     for h, w in ((1, 1), (1, 2), (2, 1), (2, 2), (1, 5), (5, 1), (2, 7), (3, 2)):
         for stride in (1, 2):
             for training in (True, False):
