@@ -39,6 +39,11 @@ def next_power_of_2(n: int) -> int:
     """The least power of two >= n (n >= 1), as triton.next_power_of_2."""
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Dense in channels_last and not also dense in NCHW (a tensor with one channel or 1x1 images is both)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` dense in ``like``'s layout (channels_last or contiguous), copied when it is not and
     ``like`` is dense. The kernels' tiles follow the activation's layout (wide in C for
@@ -46,7 +51,7 @@ def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     would be read across them: eight or sixteen 2-byte gathers a thread where one vector load
     does, in every pass that reads it. One copy costs less. (The model's backward hands both ops
     gradients in the activation's layout; a loss taken on an NCHW tensor need not.)"""
-    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+    if is_channels_last(like):
         fmt = torch.channels_last
     elif like.is_contiguous():
         fmt = torch.contiguous_format

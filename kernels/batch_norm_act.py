@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, match_layout, merge_stats,
-                      next_power_of_2, welford_total, welford_update)
+from ._common import (cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, is_channels_last,
+                      match_layout, merge_stats, next_power_of_2, welford_total, welford_update)
 
 
 @triton.jit
@@ -179,14 +179,10 @@ def _blocks(x: torch.Tensor, channels: int):
     if FORCED_TILES is not None:
         return FORCED_TILES
     on_cpu = x.device.type == "cpu"
-    if _channels_last(x):
+    if is_channels_last(x):
         block_c = min(64, max(16, next_power_of_2(channels)))
         return (128 if on_cpu else 2048 // block_c), block_c, 4
     return (256 if on_cpu else 128), 16, 4
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def flat_positions(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -202,7 +198,7 @@ def flat_positions(name: str, t: torch.Tensor) -> torch.Tensor:
     span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
     if flat and span < 2**31:
         return t
-    return t.contiguous(memory_format=torch.channels_last if _channels_last(t) or t.stride(1) == 1
+    return t.contiguous(memory_format=torch.channels_last if is_channels_last(t) or t.stride(1) == 1
                         else torch.contiguous_format)
 
 
@@ -231,7 +227,7 @@ def _launch(x: torch.Tensor):
 def _out_like(t: torch.Tensor, dtype) -> torch.Tensor:
     """An output in t's layout (channels_last or contiguous), whatever copy the kernels read: the
     rule the custom ops' fake kernels state."""
-    fmt = torch.channels_last if _channels_last(t) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
     return torch.empty(t.shape, dtype=dtype, device=t.device, memory_format=fmt)
 
 

@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bn_scale_shift, cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, match_layout,
-                      merge_stats, next_power_of_2, welford_total, welford_update)
+from ._common import (bn_scale_shift, cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, is_channels_last,
+                      match_layout, merge_stats, next_power_of_2, welford_total, welford_update)
 
 # Channels a thread loads together in the backward kernels (8-byte loads at 16 bits; fp32's
 # 16-byte loads are four already). A thread then holds four channels' nine tap weights, not
@@ -738,7 +738,7 @@ def _blocks(x: torch.Tensor, channels: int):
         return FORCED_TILES
     block_c = min(64, max(16, next_power_of_2(channels)))
     on_cpu = x.device.type == "cpu"
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         return 64 if on_cpu else 16, block_c, 4
     return 128 if on_cpu else 64, min(block_c, 16), 4
 
@@ -746,8 +746,8 @@ def _blocks(x: torch.Tensor, channels: int):
 def _row_blocks(x: torch.Tensor, channels: int, width_out: int):
     """(BLOCK_W, BLOCK_C, num_warps) of the row-streaming kernels (``_stats``, ``_apply``,
     ``_bwd_reduce``, ``_bwd_dz``): strips BLOCK_W output columns wide, BLOCK_C channels deep,
-    ROW_ELEMENTS_PER_THREAD (eight) elements a thread as in ``_blocks``. channels_last reads channels contiguously, so the channel block
-    is the wide side, and each side is the power of two that pads the image least (CoAtNet-0's
+    ROW_ELEMENTS_PER_THREAD (eight) elements a thread as in ``_blocks``. channels_last reads
+    channels contiguously, so the channel block is the wide side, and each side is the power of two that pads the image least (CoAtNet-0's
     MBConv: 384 or 768 channels at 128 a block; 56 columns at 8 a strip, 28 at 4), since a
     padded column or channel costs as much as a real one. NCHW reads columns contiguously: a
     strip up to 64 wide. Forced tiles (``FORCED_TILES``) give their BLOCK_P as BLOCK_W. The CPU
@@ -756,7 +756,7 @@ def _row_blocks(x: torch.Tensor, channels: int, width_out: int):
         return FORCED_TILES
     if x.device.type == "cpu":
         return min(64, next_power_of_2(width_out)), min(64, max(16, next_power_of_2(channels))), 4
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         block_c = min((128, 64, 32, 16), key=lambda bc: (cdiv(channels, bc) * bc, -bc))
         block_w = min((w for w in (16, 8, 4, 2) if 256 <= w * block_c <= 1024),
                       key=lambda bw: (cdiv(width_out, bw) * bw, -bw))
@@ -811,8 +811,7 @@ def _row_launch(warps: int, x: torch.Tensor, stride: int) -> dict:
     (``tests/compile_for_gpu.py --ptxas``, triton 3.9), which ``test_kernels_compile`` forbids on
     the fast path. The cap paid most at stride 1 (S1 2.828 -> 2.425 ms; stride 2: 0.933 -> 0.901
     and 1.253 -> 1.230)."""
-    capped = (ROW_MAXNREG is not None and stride == 1 and x.element_size() == 2
-              and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    capped = ROW_MAXNREG is not None and stride == 1 and x.element_size() == 2 and is_channels_last(x)
     return {"num_warps": warps, "maxnreg": ROW_MAXNREG} if capped else {"num_warps": warps}
 
 
@@ -878,7 +877,7 @@ def _fit_offsets(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def _out_like(x: torch.Tensor, shape, dtype=None):
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = is_channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
 
@@ -907,7 +906,8 @@ def batch_stats(x, weight, stride: int, running=None):
     _stats[(image_channel_grid(batch, channels, block_c),)](
         x, taps, means, m2s, *x.stride(), *tap_strides,
         channels, height, width, ho, wo,
-        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x, stride),
+        STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
+        **_row_launch(warps, x, stride),
     )
     return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo,
                        running=running)
