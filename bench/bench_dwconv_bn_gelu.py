@@ -54,7 +54,7 @@ def providers(device, tiles=(), variants=()):
 
 
 _DEFAULTS = {name: getattr(kernels, name) for name in ("DZ_PATH", "ROW_BACKWARD_MAX_WIDTH", "PREFETCH_ROWS",
-                                                   "ROW_ELEMENTS_PER_THREAD", "ROW_MAXNREG")}
+                                                   "ROW_ELEMENTS_PER_THREAD", "ROW_MAXNREG", "L2_AHEAD_ROWS")}
 
 
 def configure(provider: str) -> None:
@@ -63,7 +63,8 @@ def configure(provider: str) -> None:
     (ROW_BACKWARD_MAX_WIDTH 0), ``@bwdCxW`` the row backward's channel block and warps
     (FORCED_ROW_BACKWARD_TILES), ``@noprefetch`` the row-streaming kernels without their loads
     one row ahead (PREFETCH_ROWS), ``@rowsN`` N tile elements a thread in them
-    (ROW_ELEMENTS_PER_THREAD), ``@maxnregN`` their register cap (ROW_MAXNREG), ``@PxCxW`` forced
+    (ROW_ELEMENTS_PER_THREAD), ``@maxnregN`` their register cap (ROW_MAXNREG), ``@l2aheadN`` their
+    L2 prefetch N row steps ahead (L2_AHEAD_ROWS; ``l2ahead0``: none), ``@PxCxW`` forced
     tiles (``use_tiles``); else the defaults."""
     for name, value in _DEFAULTS.items():
         setattr(kernels, name, value)
@@ -80,6 +81,8 @@ def configure(provider: str) -> None:
         kernels.ROW_ELEMENTS_PER_THREAD = int(variant[4:])
     elif variant.startswith("maxnreg") and variant[7:].isdigit():  # maxnreg0: no cap
         kernels.ROW_MAXNREG = int(variant[7:]) or None
+    elif variant.startswith("l2ahead") and variant[7:].isdigit():
+        kernels.L2_AHEAD_ROWS = int(variant[7:])
     elif variant.startswith("bwd"):
         kernels.FORCED_ROW_BACKWARD_TILES = tuple(int(v) for v in variant[len("bwd"):].split("x"))
     elif variant and not variant[:1].isdigit():

@@ -113,6 +113,22 @@ def image_and_channels(C, BLOCK_C: tl.constexpr, VECTOR: tl.constexpr = 0):
     return (pid // blocks).to(tl.int64), offs_c
 
 
+@triton.jit
+def channel_block_start(C, BLOCK_C: tl.constexpr):
+    """The first channel of the block ``image_and_channels`` gives this program, as a scalar."""
+    return (tl.program_id(0) % tl.cdiv(C, BLOCK_C)) * BLOCK_C
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the memory at ``ptrs`` (PTX ``prefetch.global.L2``, one per element): a hint
+    with no result, so it holds no registers past its address and nothing waits on it. PTX only
+    (the interpreter runs no inline assembly: callers gate it behind a constexpr), and every
+    address must lie inside the tensor, which callers ensure by clamping."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 def image_channel_grid(batch: int, channels: int, block_c: int, name: str = "x") -> int:
     """Grid axis 0 for ``image_and_channels``."""
     programs = batch * cdiv(channels, block_c)

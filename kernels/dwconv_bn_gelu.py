@@ -50,8 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (bn_scale_shift, cdiv, gelu, gelu_grad, image_and_channels, image_channel_grid, is_channels_last,
-                      match_layout, merge_stats, next_power_of_2, welford_total, welford_update)
+from ._common import (bn_scale_shift, cdiv, channel_block_start, gelu, gelu_grad, image_and_channels,
+                      image_channel_grid, is_channels_last, match_layout, merge_stats, next_power_of_2, prefetch_l2,
+                      welford_total, welford_update)
 
 # Channels a thread loads together in the backward kernels (8-byte loads at 16 bits; fp32's
 # 16-byte loads are four already). A thread then holds four channels' nine tap weights, not
@@ -192,6 +193,29 @@ def _dy_step(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, 
 
 
 @triton.jit
+def _l2_tile(T, b, row, cols, c0, st_b, st_c, st_h, st_w, H, W, C,
+             L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
+    """Ask L2 for row ``row`` of T (channels_last) at columns ``cols``, channels c0 onward: one
+    address per L2_STEP channels (32 bytes), L2_CHANS of them. Row, columns and channels are
+    clamped into the tensor: a row past the last asks for the last again, which costs nothing."""
+    cols = tl.minimum(tl.maximum(cols, 0), W - 1)
+    chans = tl.minimum(c0 + tl.arange(0, L2_CHANS) * L2_STEP, C - 1)
+    base = (T + b * st_b) + tl.minimum(row, H - 1) * st_h
+    prefetch_l2(base + ((cols * st_w)[:, None] + (chans * st_c)[None, :]))
+
+
+@triton.jit
+def _l2_input_rows(X, b, ho, cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C,
+                   STRIDE: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
+    """Ask L2 for the input rows that output row ho's step loads (``_input_rows``)."""
+    if STRIDE == 1:
+        _l2_tile(X, b, ho + 1, cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, L2_CHANS, L2_STEP)
+    else:
+        _l2_tile(X, b, 2 * ho, cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, L2_CHANS, L2_STEP)
+        _l2_tile(X, b, 2 * ho + 1, cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, L2_CHANS, L2_STEP)
+
+
+@triton.jit
 def _row_acc(acc, x0, x1, x2, wts, ky: tl.constexpr):
     """acc plus one input row's contribution through kernel row ky."""
     acc += x0 * wts[ky * 3][None, :]
@@ -255,8 +279,10 @@ def _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows, sx_b, s
 def _stats(X, WT, MEAN, M2,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
            C, H, W, HO, WO,
-           STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
+           STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+           L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, FORWARD_CHANNEL_VECTOR)
+    c0 = channel_block_start(C, BLOCK_C)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     count = tl.zeros([BLOCK_W], tl.float32)
@@ -265,10 +291,14 @@ def _stats(X, WT, MEAN, M2,
     for w0 in range(0, WO, BLOCK_W):
         wo = w0 + tl.arange(0, BLOCK_W)
         w_ok = wo < WO
+        l2_cols = w0 * STRIDE - 1 + tl.arange(0, L2_COLS)  # the strip's input columns, halo included
         acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
         rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
         for ho in range(0, HO):
+            if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
+                _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
+                               L2_CHANS, L2_STEP)
             z, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
                                                      sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C, PREFETCH)
             count, mean, m2 = welford_update(count, mean, m2, z, w_ok)
@@ -282,8 +312,10 @@ def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sy_b, sy_c, sy_h, sy_w,
            C, H, W, HO, WO,
            STRIDE: tl.constexpr, HAS_POOL: tl.constexpr,
-           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
+           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+           L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, FORWARD_CHANNEL_VECTOR)
+    c0 = channel_block_start(C, BLOCK_C)
     c_ok = offs_c < C
     scale, shift = bn_scale_shift(MEAN, RSTD, GAMMA, BETA, offs_c, c_ok)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
@@ -291,12 +323,16 @@ def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
     for w0 in range(0, WO, BLOCK_W):
         wo = w0 + tl.arange(0, BLOCK_W)
         w_ok = wo < WO
+        l2_cols = w0 * STRIDE - 1 + tl.arange(0, L2_COLS)  # the strip's input columns, halo included
         ok = w_ok[:, None] & c_ok[None, :]
         y_strip = (Y + b * sy_b) + (offs_c[None, :] * sy_c + (wo * sy_w)[:, None])
         acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
         rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
         for ho in range(0, HO):
+            if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
+                _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
+                               L2_CHANS, L2_STEP)
             u, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
                                                      sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C, PREFETCH)
             y = gelu(u * scale[None, :] + shift[None, :])
@@ -374,8 +410,10 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
                 C, H, W, HO, WO, inv_p,
                 STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                PREFETCH: tl.constexpr):
+                PREFETCH: tl.constexpr, L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr,
+                L2_STEP: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
+    c0 = channel_block_start(C, BLOCK_C)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     bn = _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL)
@@ -384,11 +422,16 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
     for w0 in range(0, WO, BLOCK_W):
         wo = w0 + tl.arange(0, BLOCK_W)
         w_ok = wo < WO
+        l2_cols = w0 * STRIDE - 1 + tl.arange(0, L2_COLS)  # the strip's input columns, halo included
         acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
         rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
         dy_next = _dy_ahead(DY, b, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
         for ho in range(0, HO):
+            if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
+                _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
+                               L2_CHANS, L2_STEP)
+                _l2_tile(DY, b, ho + 1 + L2_AHEAD, wo, c0, sdy_b, sdy_c, sdy_h, sdy_w, HO, WO, C, L2_CHANS, L2_STEP)
             dy, dy_next = _dy_step(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, dy_next,
                                    PREFETCH)
             z, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
@@ -623,10 +666,12 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
             sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w, sdz_b, sdz_c, sdz_h, sdz_w,
             C, H, W, HO, WO, inv_p, inv_count,
             STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
-            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
+            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+            L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
     """dz, the gradient at the conv output (recompute, then GELU's and BatchNorm's backward),
     into DZ [B, C, HO, WO]; strips streamed down the rows as in ``_bwd_reduce``."""
     b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
+    c0 = channel_block_start(C, BLOCK_C)
     c_ok = offs_c < C
     mean_dbeta, mean_dgamma = _training_means(DBETA, DGAMMA, offs_c, c_ok, inv_count, TRAINING, BLOCK_C)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
@@ -634,6 +679,7 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
     for w0 in range(0, WO, BLOCK_W):
         wo = w0 + tl.arange(0, BLOCK_W)
         w_ok = wo < WO
+        l2_cols = w0 * STRIDE - 1 + tl.arange(0, L2_COLS)  # the strip's input columns, halo included
         ok = w_ok[:, None] & c_ok[None, :]
         dz_strip = (DZ + b * sdz_b) + (offs_c[None, :] * sdz_c + (wo * sdz_w)[:, None])
         acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
@@ -641,6 +687,10 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
         rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
         dy_next = _dy_ahead(DY, b, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
         for ho in range(0, HO):
+            if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
+                _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
+                               L2_CHANS, L2_STEP)
+                _l2_tile(DY, b, ho + 1 + L2_AHEAD, wo, c0, sdy_b, sdy_c, sdy_h, sdy_w, HO, WO, C, L2_CHANS, L2_STEP)
             dy, dy_next = _dy_step(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, dy_next,
                                    PREFETCH)
             z, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
@@ -653,12 +703,15 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
 def _bwd_dx_dw(X, WT, DZ, DX, DW_PARTIAL,
                sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdz_b, sdz_c, sdz_h, sdz_w, sdx_b, sdx_c, sdx_h, sdx_w,
                C, H, W, HO, WO,
-               STRIDE: tl.constexpr, BLOCK_WO: tl.constexpr, BLOCK_WI: tl.constexpr, BLOCK_C: tl.constexpr):
+               STRIDE: tl.constexpr, BLOCK_WO: tl.constexpr, BLOCK_WI: tl.constexpr, BLOCK_C: tl.constexpr,
+               L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
     """dx (the transposed depthwise conv of dz) and d(weight)'s per-image partials from DZ, a
     whole image row at a time, as ``_bwd_dx_rows`` does but reading dz instead of computing it:
     no conv, no BatchNorm, no exchange between threads. Rows must fit a tile: BLOCK_WO >= WO,
-    BLOCK_WI >= W."""
+    BLOCK_WI >= W. With L2_AHEAD, the x and dz rows L2_AHEAD steps on are asked of L2 (the
+    streaming kernels' ``_l2_tile``; L2_COLS is BLOCK_WI)."""
     b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
+    c0 = channel_block_start(C, BLOCK_C)
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     wo = tl.arange(0, BLOCK_WO)
@@ -681,6 +734,9 @@ def _bwd_dx_dw(X, WT, DZ, DX, DW_PARTIAL,
     if STRIDE == 1:
         v0, v1, v2 = _row_taps(X, b, 0, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
     for ho in range(0, HO):
+        if L2_AHEAD > 0:
+            _l2_input_rows(X, b, ho + L2_AHEAD, wi, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE, L2_CHANS, L2_STEP)
+            _l2_tile(DZ, b, ho + L2_AHEAD, wo, c0, sdz_b, sdz_c, sdz_h, sdz_w, HO, WO, C, L2_CHANS, L2_STEP)
         if STRIDE == 1:
             x0, x1, x2 = _row_taps(X, b, ho + 1, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
         else:
@@ -802,6 +858,14 @@ PREFETCH_ROWS = True
 # makes ptxas spill, for 2 to 3%); four elements a thread wins at S2 C384 only.
 ROW_ELEMENTS_PER_THREAD = 8
 ROW_MAXNREG: Optional[int] = 168
+# How many row steps ahead the row-streaming kernels and ``_bwd_dx_dw`` ask L2 for the rows they
+# will load (``prefetch_l2``; 0: never). Loading a row ahead into registers (PREFETCH_ROWS) hides
+# one step's latency at the price of registers, and at three programs an SM the kernels still
+# kept too few bytes in flight to stream at memory speed (S1: 1.2 to 1.7 TB/s of an H200's 4.8);
+# an L2 prefetch holds no registers and turns the demand loads several steps later into L2
+# hits. channels_last launches on a GPU only: the prefetch is PTX, and its tile steps along the
+# contiguous channels (NCHW would want columns).
+L2_AHEAD_ROWS = 4
 
 
 def _row_launch(warps: int, x: torch.Tensor, stride: int) -> dict:
@@ -813,6 +877,18 @@ def _row_launch(warps: int, x: torch.Tensor, stride: int) -> dict:
     and 1.253 -> 1.230)."""
     capped = ROW_MAXNREG is not None and stride == 1 and x.element_size() == 2 and is_channels_last(x)
     return {"num_warps": warps, "maxnreg": ROW_MAXNREG} if capped else {"num_warps": warps}
+
+
+def _l2_prefetch(x: torch.Tensor, block_c: int, columns: int, gpu: Optional[bool] = None) -> dict:
+    """The L2 prefetch's constexprs for a launch over x with ``block_c`` channels a program and
+    ``columns`` input columns a row step: off (L2_AHEAD 0) unless x is channels_last on a GPU
+    (``gpu`` overrides the device test, for compiling without one); one address per 32 bytes of
+    the channel block."""
+    gpu = x.device.type == "cuda" if gpu is None else gpu
+    step = max(1, min(block_c, 32 // x.element_size()))
+    ahead = L2_AHEAD_ROWS if gpu and is_channels_last(x) else 0
+    return {"L2_AHEAD": ahead, "L2_COLS": next_power_of_2(columns), "L2_CHANS": max(1, block_c // step),
+            "L2_STEP": step}
 
 
 def _dz_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
@@ -907,7 +983,7 @@ def batch_stats(x, weight, stride: int, running=None):
         x, taps, means, m2s, *x.stride(), *tap_strides,
         channels, height, width, ho, wo,
         STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
-        **_row_launch(warps, x, stride),
+        **_l2_prefetch(x, block_c, block_w * stride + 2), **_row_launch(warps, x, stride),
     )
     return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo,
                        running=running)
@@ -929,7 +1005,8 @@ def apply(x, weight, mean, rstd, gamma, beta, stride: int, pool: bool):
         *x.stride(), *tap_strides, *y.stride(),
         channels, height, width, ho, wo,
         STRIDE=stride, HAS_POOL=pool,
-        BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x, stride),
+        BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
+        **_l2_prefetch(x, block_c, block_w * stride + 2), **_row_launch(warps, x, stride),
     )
     return y, sums
 
@@ -950,7 +1027,7 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
         x, taps, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
         channels, height, width, ho, wo, 1.0,
         STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
-        **_row_launch(warps, x, stride),
+        **_l2_prefetch(x, block_c, block_w * stride + 2), **_row_launch(warps, x, stride),
     )
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)  # not views of one tensor: the custom op returns them
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
@@ -964,13 +1041,14 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
             x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
             channels, height, width, ho, wo, 1.0, inv_count,
             STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_W=block_w, BLOCK_C=block_c,
-            PREFETCH=PREFETCH_ROWS, **_row_launch(warps, x, stride),
+            PREFETCH=PREFETCH_ROWS, **_l2_prefetch(x, block_c, block_w * stride + 2), **_row_launch(warps, x, stride),
         )
         block_wo, block_wi, block_c, warps = _dz_row_blocks(x, channels, width, wo)
         _bwd_dx_dw[(image_channel_grid(batch, channels, block_c),)](
             x, taps, dz, dx, dw_partial, *x.stride(), *tap_strides, *dz.stride(), *dx.stride(),
             channels, height, width, ho, wo,
-            STRIDE=stride, BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c, num_warps=warps,
+            STRIDE=stride, BLOCK_WO=block_wo, BLOCK_WI=block_wi, BLOCK_C=block_c,
+            **_l2_prefetch(x, block_c, width), num_warps=warps,
         )
     elif width <= ROW_BACKWARD_MAX_WIDTH:
         # dz never makes a round trip through memory as a [B, C, HO, WO] tensor: it lives in

@@ -236,6 +236,8 @@ def main() -> int:
     parser.add_argument("--layouts", nargs="*", help="only these layouts (rows, channels_last, nchw)")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="the depthwise row-streaming kernels without their loads a row ahead")
+    parser.add_argument("--no-l2", action="store_true",
+                        help="the depthwise row kernels without their L2 prefetch (L2_AHEAD 0)")
     args = parser.parse_args()
     failed = 0
     for kernel, act, constexprs, options, layout in cases():
@@ -251,6 +253,13 @@ def main() -> int:
                 if layout == "channels_last":
                     like = torch.empty((1, 2, 2, 2), dtype=like.dtype).to(memory_format=torch.channels_last)
                 options = dw._row_launch(options["num_warps"], like, constexprs["STRIDE"])
+        if "L2_AHEAD" in kernel.arg_names and "L2_AHEAD" not in constexprs:  # as the launchers pass it (on a GPU)
+            like = torch.empty((1, 2, 2, 2), dtype=DTYPES[act])
+            if layout == "channels_last":
+                like = like.to(memory_format=torch.channels_last)
+            columns = (constexprs["BLOCK_W"] * constexprs["STRIDE"] + 2 if "BLOCK_W" in constexprs
+                       else constexprs["BLOCK_WI"])
+            constexprs.update(dw._l2_prefetch(like, constexprs["BLOCK_C"], columns, gpu=not args.no_l2))
         try:
             compiled = triton.compile(source(kernel, act, constexprs, layout), target=TARGET, options=options)
             if fixed and compiled.metadata.shared > FIXED_SHARED_MAX:

@@ -454,6 +454,24 @@ def test_triton_every_tile_choice(tiles, channels_last, backward, device, monkey
         check("triton", (2, 21, 9, 7), stride, training, channels_last, torch.float32, device)
 
 
+def _spy_kwarg(kernels, names, key, monkeypatch):
+    """A list that receives (kernel name, the launch's ``key`` keyword) for each launch of the
+    named kernels, which still run."""
+    built = []
+    for name in names:
+        kernel = getattr(kernels, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                def run(*args, **kwargs):
+                    built.append((name, kwargs[key]))
+                    return kernel[grid](*args, **kwargs)
+                return run
+
+        monkeypatch.setattr(kernels, name, Spy())
+    return built
+
+
 @pytest.mark.parametrize("prefetch", [True, False], ids=["rows_ahead", "no_rows_ahead"])
 def test_triton_rows_loaded_ahead_or_not(prefetch, device, monkeypatch):
     """The row-streaming kernels with their loads one row ahead (the default) and without, both
@@ -464,24 +482,82 @@ def test_triton_rows_loaded_ahead_or_not(prefetch, device, monkeypatch):
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
     streaming = ("_stats", "_apply", "_bwd_reduce", "_bwd_dz")
-    built = []
-    for name in streaming:
-        kernel = getattr(kernels, name)
-
-        class Spy:
-            def __getitem__(self, grid, kernel=kernel, name=name):
-                def run(*args, **kwargs):
-                    built.append((name, kwargs["PREFETCH"]))
-                    return kernel[grid](*args, **kwargs)
-                return run
-
-        monkeypatch.setattr(kernels, name, Spy())
+    built = _spy_kwarg(kernels, streaming, "PREFETCH", monkeypatch)
     monkeypatch.setattr(kernels, "PREFETCH_ROWS", prefetch)
     monkeypatch.setattr(kernels, "FORCED_TILES", (4, 16, 4))
     for stride, training in ((1, True), (2, True), (1, False), (2, False)):
         check("triton", (2, 21, 11, 9), stride, training, channels_last, torch.float32, device)
     assert {name for name, _ in built} == set(streaming)
     assert all(flag is prefetch for _, flag in built)
+
+
+def _op_results(x, params, stats, grad_out, stride, training):
+    """Output, the gradients of x and the parameters, and the running statistics after one call."""
+    x = x.detach().clone().requires_grad_(True)
+    params = [p.detach().clone().requires_grad_(True) for p in params]
+    running_mean, running_var = (s.clone() for s in stats)
+    out = dwconv_bn_gelu(x, *params, running_mean, running_var, training=training, momentum=0.1, stride=stride,
+                         backend="triton")
+    return (out, *torch.autograd.grad(out, [x] + params, grad_out), running_mean, running_var)
+
+
+@pytest.mark.parametrize("ahead", [0, 3], ids=["no_l2_prefetch", "l2_prefetch_3_rows"])
+def test_triton_l2_prefetch_is_only_a_hint(ahead, device, monkeypatch):
+    """The row kernels' L2 prefetch (L2_AHEAD_ROWS steps ahead; ``_stats``, ``_apply``,
+    ``_bwd_reduce``, ``_bwd_dz``, ``_bwd_dx_dw``) asks for memory and changes no result. On a GPU
+    the channels_last launches get the distance and NCHW's get 0; fp32 matches float64 (both
+    strides, train and eval, strips, channel blocks and rows past the prefetch's clamps), and
+    bf16 results match a run without the prefetch bit for bit. The interpreter runs no PTX: on
+    the CPU every launch gets 0 (checked) and one parity run is all there is to do."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    names = ("_stats", "_apply", "_bwd_reduce", "_bwd_dz", "_bwd_dx_dw")
+    built = _spy_kwarg(kernels, names, "L2_AHEAD", monkeypatch)
+    monkeypatch.setattr(kernels, "L2_AHEAD_ROWS", ahead)
+    gpu = device.type == "cuda"
+    for stride, training in ((1, True), (2, True), (1, False), (2, False)) if gpu else ((1, True),):
+        check("triton", (2, 21, 11, 9), stride, training, True, torch.float32, device)
+    assert {name for name, _ in built} == set(names)
+    assert all(value == (ahead if gpu else 0) for _, value in built), built
+    if not gpu:
+        return
+    built.clear()
+    check("triton", (2, 21, 11, 9), 1, True, False, torch.float32, device)  # NCHW: never prefetched
+    assert built and all(value == 0 for _, value in built), built
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 192, 30, 30, generator=gen).to(device, torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    params = [(torch.randn(192, 1, 3, 3, generator=gen) / 3).to(device), (1 + 0.1 * torch.randn(192, generator=gen)).to(device),
+              (0.1 * torch.randn(192, generator=gen)).to(device)]
+    stats = [(0.1 * torch.randn(192, generator=gen)).to(device), (0.5 + torch.rand(192, generator=gen)).to(device)]
+    for stride in (1, 2):
+        size = (30 - 1) // stride + 1
+        grad_out = torch.randn(4, 192, size, size, generator=gen).to(device, torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        monkeypatch.setattr(kernels, "L2_AHEAD_ROWS", ahead)
+        hinted = _op_results(x, params, stats, grad_out, stride, True)
+        monkeypatch.setattr(kernels, "L2_AHEAD_ROWS", 0)
+        plain = _op_results(x, params, stats, grad_out, stride, True)
+        for name, a, b in zip(("out", "dx", "dweight", "dgamma", "dbeta", "running_mean", "running_var"), hinted, plain):
+            assert torch.equal(a, b), f"{name} differs with the L2 prefetch at stride {stride}"
+
+
+def test_triton_l2_prefetch_launch_options():
+    """Which launches get the L2 prefetch, and its tile: channels_last on a GPU only, one address
+    per 32 bytes of the channel block (16 channels at 2 bytes, 8 at 4, the whole block when it is
+    narrower), a power-of-two column count."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    nhwc = torch.empty(2, 384, 8, 8, device="meta", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    nchw = torch.empty(2, 384, 8, 8, device="meta", dtype=torch.bfloat16)
+    on = kernels._l2_prefetch(nhwc, 128, 10, gpu=True)
+    assert on == {"L2_AHEAD": kernels.L2_AHEAD_ROWS, "L2_COLS": 16, "L2_CHANS": 8, "L2_STEP": 16}
+    assert kernels._l2_prefetch(nhwc, 128, 10)["L2_AHEAD"] == 0  # a meta tensor is not on a GPU
+    assert kernels._l2_prefetch(nchw, 128, 10, gpu=True)["L2_AHEAD"] == 0
+    assert kernels._l2_prefetch(nhwc.float(), 64, 64, gpu=True) == {
+        "L2_AHEAD": kernels.L2_AHEAD_ROWS, "L2_COLS": 64, "L2_CHANS": 8, "L2_STEP": 8}
+    narrow = kernels._l2_prefetch(nhwc, 8, 56, gpu=True)
+    assert (narrow["L2_CHANS"], narrow["L2_STEP"], narrow["L2_COLS"]) == (1, 8, 64)
 
 
 def _ring_reach(height, width, stride, block_p):
