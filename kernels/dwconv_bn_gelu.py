@@ -864,8 +864,10 @@ ROW_MAXNREG: Optional[int] = 168
 # kept too few bytes in flight to stream at memory speed (S1: 1.2 to 1.7 TB/s of an H200's 4.8);
 # an L2 prefetch holds no registers and turns the demand loads several steps later into L2
 # hits. channels_last launches on a GPU only: the prefetch is PTX, and its tile steps along the
-# contiguous channels (NCHW would want columns).
-L2_AHEAD_ROWS = 4
+# contiguous channels (NCHW would want columns). Off until a GPU has timed it: the session that
+# wrote it had no GPU (``bench_dwconv_bn_gelu.py --variants l2ahead2,l2ahead4,l2ahead8``; the
+# GPU tests check it changes no result, ``test_kernels_compile`` that it compiles without spills).
+L2_AHEAD_ROWS = 0
 
 
 def _row_launch(warps: int, x: torch.Tensor, stride: int) -> dict:

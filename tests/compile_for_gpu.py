@@ -236,13 +236,17 @@ def main() -> int:
     parser.add_argument("--layouts", nargs="*", help="only these layouts (rows, channels_last, nchw)")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="the depthwise row-streaming kernels without their loads a row ahead")
-    parser.add_argument("--no-l2", action="store_true",
-                        help="the depthwise row kernels without their L2 prefetch (L2_AHEAD 0)")
+    parser.add_argument("--l2-ahead", type=int, default=None,
+                        help="the depthwise row kernels' L2 prefetch distance (L2_AHEAD_ROWS; 0: none)")
+    parser.add_argument("--dtypes", nargs="*", help="only these activation dtypes (bf16, fp16, fp32)")
     args = parser.parse_args()
+    if args.l2_ahead is not None:
+        dw.L2_AHEAD_ROWS = args.l2_ahead
     failed = 0
     for kernel, act, constexprs, options, layout in cases():
         name = kernel.fn.__name__
-        if (args.kernels and name not in args.kernels) or (args.layouts and layout not in args.layouts):
+        if ((args.kernels and name not in args.kernels) or (args.layouts and layout not in args.layouts)
+                or (args.dtypes and act not in args.dtypes)):
             continue
         t0 = time.perf_counter()
         fixed = constexprs.pop("FIXED", False)
@@ -259,13 +263,17 @@ def main() -> int:
                 like = like.to(memory_format=torch.channels_last)
             columns = (constexprs["BLOCK_W"] * constexprs["STRIDE"] + 2 if "BLOCK_W" in constexprs
                        else constexprs["BLOCK_WI"])
-            constexprs.update(dw._l2_prefetch(like, constexprs["BLOCK_C"], columns, gpu=not args.no_l2))
+            constexprs.update(dw._l2_prefetch(like, constexprs["BLOCK_C"], columns, gpu=True))
         try:
             compiled = triton.compile(source(kernel, act, constexprs, layout), target=TARGET, options=options)
             if fixed and compiled.metadata.shared > FIXED_SHARED_MAX:
                 raise RuntimeError(f"a fixed tile takes {compiled.metadata.shared} B of shared memory, over "
                                    f"{FIXED_SHARED_MAX}")
-            detail = (f"shared={compiled.metadata.shared}" + (ptxas_usage(compiled) if args.ptxas else "")
+            if constexprs.get("L2_AHEAD"):  # the hint is inline assembly: count what reached the PTX
+                detail = f"l2_prefetches={compiled.asm['ptx'].count('prefetch.global.L2')} "
+            else:
+                detail = ""
+            detail += (f"shared={compiled.metadata.shared}" + (ptxas_usage(compiled) if args.ptxas else "")
                       + (sass_loops(compiled) if args.loops else ""))
         except Exception as e:  # report every failure, not just the first
             failed += 1

@@ -542,20 +542,21 @@ def test_triton_l2_prefetch_is_only_a_hint(ahead, device, monkeypatch):
             assert torch.equal(a, b), f"{name} differs with the L2 prefetch at stride {stride}"
 
 
-def test_triton_l2_prefetch_launch_options():
+def test_triton_l2_prefetch_launch_options(monkeypatch):
     """Which launches get the L2 prefetch, and its tile: channels_last on a GPU only, one address
     per 32 bytes of the channel block (16 channels at 2 bytes, 8 at 4, the whole block when it is
     narrower), a power-of-two column count."""
     from coatnet_fast.kernels import dwconv_bn_gelu as kernels
 
+    monkeypatch.setattr(kernels, "L2_AHEAD_ROWS", 4)  # off by default: the options as they would be
     nhwc = torch.empty(2, 384, 8, 8, device="meta", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     nchw = torch.empty(2, 384, 8, 8, device="meta", dtype=torch.bfloat16)
     on = kernels._l2_prefetch(nhwc, 128, 10, gpu=True)
-    assert on == {"L2_AHEAD": kernels.L2_AHEAD_ROWS, "L2_COLS": 16, "L2_CHANS": 8, "L2_STEP": 16}
+    assert on == {"L2_AHEAD": 4, "L2_COLS": 16, "L2_CHANS": 8, "L2_STEP": 16}
     assert kernels._l2_prefetch(nhwc, 128, 10)["L2_AHEAD"] == 0  # a meta tensor is not on a GPU
     assert kernels._l2_prefetch(nchw, 128, 10, gpu=True)["L2_AHEAD"] == 0
     assert kernels._l2_prefetch(nhwc.float(), 64, 64, gpu=True) == {
-        "L2_AHEAD": kernels.L2_AHEAD_ROWS, "L2_COLS": 64, "L2_CHANS": 8, "L2_STEP": 8}
+        "L2_AHEAD": 4, "L2_COLS": 64, "L2_CHANS": 8, "L2_STEP": 8}
     narrow = kernels._l2_prefetch(nhwc, 8, 56, gpu=True)
     assert (narrow["L2_CHANS"], narrow["L2_STEP"], narrow["L2_COLS"]) == (1, 8, 64)
 

@@ -35,3 +35,21 @@ def test_channels_last_kernels_do_not_spill():
     assert done.returncode == 0 and len(lines) > 30, done.stdout[-2000:] + done.stderr[-2000:]
     spilling = [line for line in lines if int(re.search(r"spill_stores=(\d+)", line).group(1)) > 16]
     assert not spilling, "\n".join(spilling)
+
+
+def test_depthwise_l2_prefetch_compiles_without_spills():
+    """The depthwise row kernels with their L2 prefetch on (``L2_AHEAD_ROWS``; off by default
+    until a GPU has timed it), at bf16 channels_last as the fast path launches them: every one
+    compiles, its PTX holds the prefetches (inline assembly the interpreter never runs), and
+    ptxas spills no more than the bound above."""
+    kernels = ("_stats", "_apply", "_bwd_reduce", "_bwd_dz", "_bwd_dx_dw")
+    done = _compile("--ptxas", "--layouts", "channels_last", "--dtypes", "bf16", "--l2-ahead", "4",
+                    "--kernels", *kernels)
+    # (batch_norm_act's _stats and _apply share the names: its tiles are BLOCK_P x BLOCK_C)
+    lines = [line for line in done.stdout.splitlines() if "spill_stores=" in line and "'BLOCK_W" in line]
+    assert done.returncode == 0 and len(lines) > 30, done.stdout[-2000:] + done.stderr[-2000:]
+    assert {line.split()[0] for line in lines} == set(kernels)
+    assert all("'L2_AHEAD': 4" in line and int(re.search(r"l2_prefetches=(\d+)", line).group(1)) >= 1
+               for line in lines), "\n".join(lines)
+    spilling = [line for line in lines if int(re.search(r"spill_stores=(\d+)", line).group(1)) > 16]
+    assert not spilling, "\n".join(spilling)
