@@ -128,7 +128,10 @@ def batch_norm_act_cases(args, device, dtype):
 def model_cases(args, device, dtype):
     """A CoAtNet-0 training step (forward, cross-entropy, backward) and an inference forward,
     autocast to ``--dtype``, channels_last on a GPU: on eager and on each fused backend (the ops
-    it has; the rest eager). Its kernel list says which of the model's kernels the time is in."""
+    it has; the rest eager), and under torch.compile (default mode: the kernels are a CUDA
+    graph's, the host work shows) for each ``<backend>:compile`` that ``--providers`` names
+    (``eager:compile`` the seed model). Its kernel list says which of the model's kernels the
+    time is in."""
     import torch.nn.functional as F
 
     from coatnet_fast import benchmark
@@ -139,25 +142,28 @@ def model_cases(args, device, dtype):
     x = torch.randn(args.batch, 3, size, size, device=device).to(memory_format=memory_format)
     target = torch.randint(0, 1000, (args.batch,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    for backend in ["eager"] + benchmark.fused_backends():
+    compiled = [p for p in filter(None, args.providers.split(",")) if p.endswith(":compile")]
+    for provider in ["eager"] + benchmark.fused_backends() + compiled:
+        backend = provider.removesuffix(":compile")
         net, _ = benchmark.build("eager" if backend == "eager" else f"backend:{backend}", "coatnet_0", settings)
         net = net.to(device).to(memory_format=memory_format)
+        runner = torch.compile(net) if provider in compiled else net
 
-        def train(net=net):
+        def train(net=net, runner=runner):
             net.train()
             with autocast:
-                loss = F.cross_entropy(net(x), target)
+                loss = F.cross_entropy(runner(x), target)
             loss.backward()
             net.zero_grad(set_to_none=True)
 
-        def infer(net=net):
+        def infer(net=net, runner=runner):
             net.eval()
             with torch.inference_mode(), autocast:
-                net(x)
+                runner(x)
 
         case = f"coatnet_0@{size} batch {args.batch}"
-        yield case, backend, "fwd", infer
-        yield case, backend, "fwd+bwd", train
+        yield case, provider, "fwd", infer
+        yield case, provider, "fwd+bwd", train
 
 
 def _no_grad(fn, inputs):

@@ -407,6 +407,21 @@ def test_profile_ops_model_smoke(tmp_path):
         assert any("conv" in n or "mm" in n for n in names), names
 
 
+def test_profile_ops_model_compiles_the_providers_it_is_asked_for():
+    """``--providers <backend>:compile`` profiles that backend's model under torch.compile (the
+    compiled step is a GPU run's: here the cases are built, not run)."""
+    import profile_ops
+
+    backend = (benchmark.fused_backends() or ["eager"])[0]
+    args = types.SimpleNamespace(smoke=True, batch=2, providers=f"eager,{backend}:compile,eager:compile")
+    cases = list(profile_ops.model_cases(args, torch.device("cpu"), torch.float32))
+    runners = {(provider, mode): step.__defaults__[1] for _, provider, mode, step in cases}
+    expected = ["eager", *benchmark.fused_backends(), f"{backend}:compile", "eager:compile"]
+    assert list(dict.fromkeys(provider for provider, _ in runners)) == expected
+    for (provider, _), runner in runners.items():
+        assert isinstance(runner, torch._dynamo.eval_frame.OptimizedModule) == provider.endswith(":compile")
+
+
 def test_bench_dispatch_overhead_smoke(tmp_path):
     import bench_dispatch_overhead
     from coatnet_fast.kernels import rel_bias_attention as attn_kernels
