@@ -104,6 +104,10 @@ def environment() -> dict:
         "timm": dist_version("timm"),
         "cuda": torch.version.cuda,
         "device": device_description(),
+        # The package's knobs set for this process (COATNET_FAST_L2_AHEAD_ROWS, _AUTOTUNE, ...):
+        # a row timed under one is not the default's.
+        "knobs": {k: v for k, v in sorted(os.environ.items())
+                  if k.startswith("COATNET_FAST_") and k not in ("COATNET_FAST_COMMIT", "COATNET_FAST_EXT_DIR")},
     }
 
 

@@ -44,6 +44,7 @@ which walks flattened chunks of BLOCK_P positions (below).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -867,7 +868,19 @@ ROW_MAXNREG: Optional[int] = 168
 # contiguous channels (NCHW would want columns). Off until a GPU has timed it: the session that
 # wrote it had no GPU (``bench_dwconv_bn_gelu.py --variants l2ahead2,l2ahead4,l2ahead8``; the
 # GPU tests check it changes no result, ``test_kernels_compile`` that it compiles without spills).
-L2_AHEAD_ROWS = 0
+# COATNET_FAST_L2_AHEAD_ROWS sets it for a process (a whole-model benchmark with it on, say).
+
+
+def _env_rows(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r}: expected a number of rows, 0 or more")
+    return int(value)
+
+
+L2_AHEAD_ROWS = _env_rows("COATNET_FAST_L2_AHEAD_ROWS", 0)
 
 
 def _row_launch(warps: int, x: torch.Tensor, stride: int) -> dict:

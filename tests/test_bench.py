@@ -264,6 +264,9 @@ def test_settings_smoke_on_cpu_unless_sizes_are_given(monkeypatch, tmp_path):
     assert benchmark.default_out(torch.device("cuda")) == Path("coatnet_fast_bench") / "model_cuda.json"
     monkeypatch.setenv("COATNET_FAST_COMMIT", "abc123")
     assert benchmark.environment()["commit"] == "abc123"
+    monkeypatch.setenv("COATNET_FAST_L2_AHEAD_ROWS", "4")  # a knob the row was timed under is written with it
+    assert benchmark.environment()["knobs"].get("COATNET_FAST_L2_AHEAD_ROWS") == "4"
+    assert "COATNET_FAST_COMMIT" not in benchmark.environment()["knobs"]
     monkeypatch.delenv("COATNET_FAST_COMMIT")
     assert benchmark.commit() == "unknown"
 

@@ -561,6 +561,22 @@ def test_triton_l2_prefetch_launch_options(monkeypatch):
     assert (narrow["L2_CHANS"], narrow["L2_STEP"], narrow["L2_COLS"]) == (1, 8, 64)
 
 
+def test_triton_l2_prefetch_distance_from_the_environment():
+    """COATNET_FAST_L2_AHEAD_ROWS sets the prefetch distance for a process; anything but a
+    count of rows is refused with the variable's name."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from coatnet_fast.kernels import dwconv_bn_gelu as k; print(k.L2_AHEAD_ROWS)"
+    env = dict(os.environ, COATNET_FAST_L2_AHEAD_ROWS="6")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "6", done.stderr[-2000:]
+    env["COATNET_FAST_L2_AHEAD_ROWS"] = "-1"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "COATNET_FAST_L2_AHEAD_ROWS='-1'" in done.stderr, done.stderr[-2000:]
+
+
 def _ring_reach(height, width, stride, block_p):
     """What _bwd_dx's ring must hold, by walking its loop in Python: the most output positions
     between the oldest dz a chunk of input positions reads (or the chunk before it read) and
