@@ -54,7 +54,8 @@ def providers(device, tiles=(), variants=()):
 
 
 _DEFAULTS = {name: getattr(kernels, name) for name in ("DZ_PATH", "ROW_BACKWARD_MAX_WIDTH", "PREFETCH_ROWS",
-                                                   "ROW_ELEMENTS_PER_THREAD", "ROW_MAXNREG", "L2_AHEAD_ROWS")}
+                                                   "ROW_ELEMENTS_PER_THREAD", "ROW_MAXNREG", "L2_AHEAD_ROWS",
+                                                   "ROW_BANDS")}
 
 
 def configure(provider: str) -> None:
@@ -64,7 +65,8 @@ def configure(provider: str) -> None:
     (FORCED_ROW_BACKWARD_TILES), ``@noprefetch`` the row-streaming kernels without their loads
     one row ahead (PREFETCH_ROWS), ``@rowsN`` N tile elements a thread in them
     (ROW_ELEMENTS_PER_THREAD), ``@maxnregN`` their register cap (ROW_MAXNREG), ``@l2aheadN`` their
-    L2 prefetch N row steps ahead (L2_AHEAD_ROWS; ``l2ahead0``: none), ``@PxCxW`` forced
+    L2 prefetch N row steps ahead (L2_AHEAD_ROWS; ``l2ahead0``: none), ``@bandsN`` their images
+    split into N bands of rows (ROW_BANDS; ``bandsauto``: as many as fill the GPU), ``@PxCxW`` forced
     tiles (``use_tiles``); else the defaults."""
     for name, value in _DEFAULTS.items():
         setattr(kernels, name, value)
@@ -83,6 +85,10 @@ def configure(provider: str) -> None:
         kernels.ROW_MAXNREG = int(variant[7:]) or None
     elif variant.startswith("l2ahead") and variant[7:].isdigit():
         kernels.L2_AHEAD_ROWS = int(variant[7:])
+    elif variant == "bandsauto":
+        kernels.ROW_BANDS = None
+    elif variant.startswith("bands") and variant[5:].isdigit():
+        kernels.ROW_BANDS = int(variant[5:])
     elif variant.startswith("bwd"):
         kernels.FORCED_ROW_BACKWARD_TILES = tuple(int(v) for v in variant[len("bwd"):].split("x"))
     elif variant and not variant[:1].isdigit():

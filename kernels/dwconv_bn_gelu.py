@@ -1,10 +1,12 @@
 """Triton kernels for 3x3 depthwise conv (padding 1) + BatchNorm + exact GELU, and their launchers.
 
-Every kernel runs one program per (image, channel block) that walks the whole image, recomputing
-the conv from x: nothing but x is kept between passes (the backward's one activation-sized
+Every kernel runs one program per (image, channel block) that walks the whole image (or, for the
+row-streaming kernels with ``ROW_BANDS``, one band of its output rows), recomputing the conv from
+x: nothing but x is kept between passes (the backward's one activation-sized
 intermediate, dz, lives only while the backward runs; ``DZ_PATH``). Per-channel reductions
 therefore finish inside one program per image, in a fixed order: results are deterministic and
-need no atomics, and partials are per image ([B, C]; [B, C, 9] for d(weight)), not per tile.
+need no atomics, and partials are per image or per (image, band) ([B, C] or [B, bands, C];
+[B, C, 9] for d(weight)), not per tile.
 
 The three kernels that walk the output positions (``_stats``, ``_apply``, ``_bwd_reduce``)
 stream rows: a program takes the image in strips BLOCK_W output columns wide and runs down each
@@ -152,12 +154,12 @@ def _input_rows(X, b, ho, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, 
 
 
 @triton.jit
-def _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+def _rows_ahead(X, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                 STRIDE: tl.constexpr, PREFETCH: tl.constexpr):
-    """What ``_conv_row`` carries into output row 0 of a strip: with PREFETCH, row 0's input taps,
-    loaded ahead; without, a placeholder it passes along untouched."""
+    """What ``_conv_row`` carries into output row h0 (a band's first) of a strip: with PREFETCH,
+    that row's input taps, loaded ahead; without, a placeholder it passes along untouched."""
     if PREFETCH:
-        rows = _input_rows(X, b, 0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        rows = _input_rows(X, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
     else:
         rows = tl.zeros([1], tl.int8)
     return rows
@@ -172,10 +174,10 @@ def _dy_row(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO):
 
 
 @triton.jit
-def _dy_ahead(DY, b, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH: tl.constexpr):
-    """What ``_dy_step`` carries into output row 0: row 0's dy with PREFETCH, else a placeholder."""
+def _dy_ahead(DY, b, h0, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH: tl.constexpr):
+    """What ``_dy_step`` carries into output row h0: that row's dy with PREFETCH, else a placeholder."""
     if PREFETCH:
-        dy = _dy_row(DY, b, 0, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO)
+        dy = _dy_row(DY, b, h0, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO)
     else:
         dy = tl.zeros([1], tl.int8)
     return dy
@@ -226,19 +228,25 @@ def _row_acc(acc, x0, x1, x2, wts, ky: tl.constexpr):
 
 
 @triton.jit
-def _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+def _conv_rows_start(X, wts, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                      STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The partial sums ``_conv_row`` carries, before output row 0 of a strip: with stride 1,
-    input row 0's part of output rows 0 (through ky = 1) and 1 (ky = 0); with stride 2 nothing
-    (output row 0's ky = 0 row is padding). Then the taps it loaded (stride 2: zeros), for
-    callers that keep them (the backward's d(weight))."""
+    """The partial sums ``_conv_row`` carries, before output row h0 of a strip (0, or a band's
+    first row): with stride 1, input rows h0 - 1's and h0's parts of output row h0 (ky = 0 and
+    1) and row h0's part of output row h0 + 1 (ky = 0); with stride 2, input row 2 h0 - 1's part
+    of output row h0 (ky = 0). Rows above the image are padding (their loads masked off). Then
+    input row h0's taps (stride 2: zeros), for callers that keep them (the backward's d(weight))."""
     acc_a = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
     acc_b = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
     x0, x1, x2 = acc_a, acc_a, acc_a
     if STRIDE == 1:
-        x0, x1, x2 = _row_taps(X, b, 0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        p0, p1, p2 = _row_taps(X, b, h0 - 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        acc_a = _row_acc(acc_a, p0, p1, p2, wts, 0)
+        x0, x1, x2 = _row_taps(X, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
         acc_a = _row_acc(acc_a, x0, x1, x2, wts, 1)
         acc_b = _row_acc(acc_b, x0, x1, x2, wts, 0)
+    else:
+        p0, p1, p2 = _row_taps(X, b, 2 * h0 - 1, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE)
+        acc_a = _row_acc(acc_a, p0, p1, p2, wts, 0)
     return acc_a, acc_b, x0, x1, x2
 
 
@@ -279,11 +287,15 @@ def _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows, sx_b, s
 @triton.jit
 def _stats(X, WT, MEAN, M2,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w,
-           C, H, W, HO, WO,
+           C, H, W, HO, WO, ROWS,
            STRIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
            L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, FORWARD_CHANNEL_VECTOR)
     c0 = channel_block_start(C, BLOCK_C)
+    band = tl.program_id(1)  # grid axis 1: bands of ROWS output rows (``_row_bands``)
+    h0 = band * ROWS
+    h1 = tl.minimum(h0 + ROWS, HO)
+    split = b * tl.num_programs(1) + band  # the row of this program's per-(image, band) partials
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     count = tl.zeros([BLOCK_W], tl.float32)
@@ -293,10 +305,10 @@ def _stats(X, WT, MEAN, M2,
         wo = w0 + tl.arange(0, BLOCK_W)
         w_ok = wo < WO
         l2_cols = w0 * STRIDE - 1 + tl.arange(0, L2_COLS)  # the strip's input columns, halo included
-        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
-        rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
-        for ho in range(0, HO):
+        rows = _rows_ahead(X, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
+        for ho in range(h0, h1):
             if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
                 _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
                                L2_CHANS, L2_STEP)
@@ -304,19 +316,23 @@ def _stats(X, WT, MEAN, M2,
                                                      sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_W, BLOCK_C, PREFETCH)
             count, mean, m2 = welford_update(count, mean, m2, z, w_ok)
     mean, m2 = welford_total(count, mean, m2)
-    tl.store(MEAN + b * C + offs_c, mean, mask=c_ok)
-    tl.store(M2 + b * C + offs_c, m2, mask=c_ok)
+    tl.store(MEAN + split * C + offs_c, mean, mask=c_ok)
+    tl.store(M2 + split * C + offs_c, m2, mask=c_ok)
 
 
 @triton.jit
 def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
            sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sy_b, sy_c, sy_h, sy_w,
-           C, H, W, HO, WO,
+           C, H, W, HO, WO, ROWS,
            STRIDE: tl.constexpr, HAS_POOL: tl.constexpr,
            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
            L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, FORWARD_CHANNEL_VECTOR)
     c0 = channel_block_start(C, BLOCK_C)
+    band = tl.program_id(1)  # grid axis 1: bands of ROWS output rows (``_row_bands``)
+    h0 = band * ROWS
+    h1 = tl.minimum(h0 + ROWS, HO)
+    split = b * tl.num_programs(1) + band  # the row of this program's per-(image, band) partials
     c_ok = offs_c < C
     scale, shift = bn_scale_shift(MEAN, RSTD, GAMMA, BETA, offs_c, c_ok)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
@@ -327,10 +343,10 @@ def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
         l2_cols = w0 * STRIDE - 1 + tl.arange(0, L2_COLS)  # the strip's input columns, halo included
         ok = w_ok[:, None] & c_ok[None, :]
         y_strip = (Y + b * sy_b) + (offs_c[None, :] * sy_c + (wo * sy_w)[:, None])
-        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
-        rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
-        for ho in range(0, HO):
+        rows = _rows_ahead(X, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
+        for ho in range(h0, h1):
             if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
                 _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
                                L2_CHANS, L2_STEP)
@@ -341,7 +357,7 @@ def _apply(X, WT, MEAN, RSTD, GAMMA, BETA, Y, POOL,
             if HAS_POOL:
                 pool += tl.where(ok, y, 0.0)
     if HAS_POOL:
-        tl.store(POOL + b * C + offs_c, tl.sum(pool, 0), mask=c_ok)
+        tl.store(POOL + split * C + offs_c, tl.sum(pool, 0), mask=c_ok)
 
 
 @triton.jit
@@ -409,12 +425,16 @@ def _dz_at(z, bn, DY, b, ho, wo, p_ok, offs_c, c_ok, mean_dbeta, mean_dgamma, sd
 @triton.jit
 def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
                 sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w,
-                C, H, W, HO, WO, inv_p,
+                C, H, W, HO, WO, ROWS, inv_p,
                 STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
                 PREFETCH: tl.constexpr, L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr,
                 L2_STEP: tl.constexpr):
     b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c0 = channel_block_start(C, BLOCK_C)
+    band = tl.program_id(1)  # grid axis 1: bands of ROWS output rows (``_row_bands``)
+    h0 = band * ROWS
+    h1 = tl.minimum(h0 + ROWS, HO)
+    split = b * tl.num_programs(1) + band  # the row of this program's per-(image, band) partials
     c_ok = offs_c < C
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
     bn = _channel_bn(MEAN, RSTD, GAMMA, BETA, DPOOL, b, offs_c, c_ok, C, inv_p, HAS_DPOOL)
@@ -424,11 +444,11 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
         wo = w0 + tl.arange(0, BLOCK_W)
         w_ok = wo < WO
         l2_cols = w0 * STRIDE - 1 + tl.arange(0, L2_COLS)  # the strip's input columns, halo included
-        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
-        rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
-        dy_next = _dy_ahead(DY, b, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
-        for ho in range(0, HO):
+        rows = _rows_ahead(X, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
+        dy_next = _dy_ahead(DY, b, h0, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
+        for ho in range(h0, h1):
             if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
                 _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
                                L2_CHANS, L2_STEP)
@@ -440,8 +460,8 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
             du, xhat = _du_from(z, bn, dy, w_ok, c_ok, HAS_DPOOL)
             sum_du += du
             sum_du_xhat += du * xhat
-    tl.store(SUM_DU + b * C + offs_c, tl.sum(sum_du, 0), mask=c_ok)
-    tl.store(SUM_DU_XHAT + b * C + offs_c, tl.sum(sum_du_xhat, 0), mask=c_ok)
+    tl.store(SUM_DU + split * C + offs_c, tl.sum(sum_du, 0), mask=c_ok)
+    tl.store(SUM_DU_XHAT + split * C + offs_c, tl.sum(sum_du_xhat, 0), mask=c_ok)
 
 
 @triton.jit
@@ -628,10 +648,10 @@ def _bwd_dx_rows(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, D
     # d(weight) needs the x under every tap of output row ho: its three input rows' taps, those
     # the conv loads for this row and those carried from the last one or two (u*: kernel row 0,
     # v*: row 1, x*: row 2).
-    acc_a, acc_b, v0, v1, v2 = _conv_rows_start(X, wts, b, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+    acc_a, acc_b, v0, v1, v2 = _conv_rows_start(X, wts, b, 0, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                 STRIDE, BLOCK_WO, BLOCK_C)
     u0, u1, u2 = zero, zero, zero
-    rows = _rows_ahead(X, b, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, False)
+    rows = _rows_ahead(X, b, 0, wo, wo_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, False)
     for ho in range(0, HO):
         z, acc_a, acc_b, taps, rows = _conv_row(X, wts, b, ho, wo, wo_ok, offs_c, c_ok, acc_a, acc_b, rows,
                                                 sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, BLOCK_WO, BLOCK_C, False)
@@ -665,7 +685,7 @@ def _bwd_dx_rows(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DX, D
 @triton.jit
 def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
             sx_b, sx_c, sx_h, sx_w, sw_c, sw_h, sw_w, sdy_b, sdy_c, sdy_h, sdy_w, sdz_b, sdz_c, sdz_h, sdz_w,
-            C, H, W, HO, WO, inv_p, inv_count,
+            C, H, W, HO, WO, ROWS, inv_p, inv_count,
             STRIDE: tl.constexpr, HAS_DPOOL: tl.constexpr, TRAINING: tl.constexpr,
             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
             L2_AHEAD: tl.constexpr, L2_COLS: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
@@ -673,6 +693,9 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
     into DZ [B, C, HO, WO]; strips streamed down the rows as in ``_bwd_reduce``."""
     b, offs_c = image_and_channels(C, BLOCK_C, CHANNEL_VECTOR)
     c0 = channel_block_start(C, BLOCK_C)
+    band = tl.program_id(1)  # grid axis 1: bands of ROWS output rows (``_row_bands``)
+    h0 = band * ROWS
+    h1 = tl.minimum(h0 + ROWS, HO)
     c_ok = offs_c < C
     mean_dbeta, mean_dgamma = _training_means(DBETA, DGAMMA, offs_c, c_ok, inv_count, TRAINING, BLOCK_C)
     wts = _tap_weights(WT, offs_c, c_ok, sw_c, sw_h, sw_w)
@@ -683,11 +706,11 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
         l2_cols = w0 * STRIDE - 1 + tl.arange(0, L2_COLS)  # the strip's input columns, halo included
         ok = w_ok[:, None] & c_ok[None, :]
         dz_strip = (DZ + b * sdz_b) + (offs_c[None, :] * sdz_c + (wo * sdz_w)[:, None])
-        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
+        acc_a, acc_b, _, _, _ = _conv_rows_start(X, wts, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W,
                                                  STRIDE, BLOCK_W, BLOCK_C)
-        rows = _rows_ahead(X, b, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
-        dy_next = _dy_ahead(DY, b, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
-        for ho in range(0, HO):
+        rows = _rows_ahead(X, b, h0, wo, w_ok, offs_c, c_ok, sx_b, sx_c, sx_h, sx_w, H, W, STRIDE, PREFETCH)
+        dy_next = _dy_ahead(DY, b, h0, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
+        for ho in range(h0, h1):
             if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
                 _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
                                L2_CHANS, L2_STEP)
@@ -851,12 +874,14 @@ PREFETCH_ROWS = True
 # warps fits two programs an SM instead of three. The H200 sweep of ed0d4dc
 # (bench/results/dwconv_bn_gelu_h200_ed0d4dc.json, training forward+backward, graph ms; taken
 # before the cap was a default, so only its own column is capped), rows ahead without a cap /
-# with a cap of 168 / 4 elements a thread / no rows ahead:
+# with a cap of 168 / 4 elements a thread / no rows ahead (all at stride 1, as CoAtNet runs every
+# depthwise conv: a downsampling MBConv's expand conv takes the stride):
 #   S1 56x56 C384      2.828 / 2.425 / 2.827 / 2.562
 #   S2 28x28 C384      0.933 / 0.901 / 0.740 / 1.119
 #   S2 28x28 C768      1.253 / 1.230 / 1.431 / 1.434
-# so rows ahead is the default, under the cap at stride 1 (``_row_launch``: at stride 2 the cap
-# makes ptxas spill, for 2 to 3%); four elements a thread wins at S2 C384 only.
+# so rows ahead is the default, under the cap at stride 1 (``_row_launch``: at stride 2, which no
+# benchmark has timed, the cap makes ptxas spill); four elements a thread wins at S2 C384 only,
+# where 384 programs of 2 warps fill half the GPU (see ROW_BANDS).
 ROW_ELEMENTS_PER_THREAD = 8
 ROW_MAXNREG: Optional[int] = 168
 # How many row steps ahead the row-streaming kernels and ``_bwd_dx_dw`` ask L2 for the rows they
@@ -883,13 +908,69 @@ def _env_rows(name: str, default: int) -> int:
 L2_AHEAD_ROWS = _env_rows("COATNET_FAST_L2_AHEAD_ROWS", 0)
 
 
+# Bands of output rows the row-streaming kernels split each image into, one program a band
+# (grid axis 1), each starting from the input rows above its first (``_conv_rows_start``) and
+# writing per-(image, band) partial sums: 1 keeps whole images; None lets ``_row_bands`` choose
+# from the GPU's size. A program walks its rows one memory latency at a time, so the time of a
+# launch is its longest program's rows times the waves it takes. At CoAtNet-0's 28x28 with 384
+# channels (S2's first block, whose expand conv takes the stride) 384 programs of 2 warps fill
+# about half an H200's slots (the four-elements-a-thread variant, 4 warps a program, ran that
+# shape's training in 0.740 ms against 0.901); two bands fill them. Off until a GPU times it
+# (``bench_dwconv_bn_gelu.py --variants bands2,bandsauto``).
+# COATNET_FAST_ROW_BANDS sets it for a process ("auto" for None).
+
+
+def _env_bands(name: str) -> Optional[int]:
+    value = os.environ.get(name, "").strip()
+    if value == "auto":
+        return None
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: expected a number of bands, 1 or more, or 'auto'")
+    return int(value)
+
+
+ROW_BANDS: Optional[int] = _env_bands("COATNET_FAST_ROW_BANDS")
+# The fewest output rows a band gets from ``_row_bands``: a band reloads the input rows above it.
+ROW_BAND_MIN_ROWS = 7
+_SM_COUNTS: dict = {}
+
+
+def _row_bands(x: torch.Tensor, programs: int, warps: int, height_out: int, launch: dict) -> Tuple[int, int]:
+    """(rows a band, bands) of a row-streaming launch of ``programs`` programs a band:
+    ``ROW_BANDS`` when set, else ``best_row_bands`` for this GPU (whole images elsewhere)."""
+    if ROW_BANDS is not None:
+        bands = max(1, min(ROW_BANDS, height_out))
+    elif x.device.type != "cuda":
+        bands = 1
+    else:
+        sms = _SM_COUNTS.get(x.device)
+        if sms is None:
+            sms = _SM_COUNTS[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
+        bands = best_row_bands(programs, warps, height_out, launch.get("maxnreg") or 255, sms)
+    rows = cdiv(height_out, bands)
+    return rows, cdiv(height_out, rows)
+
+
+def best_row_bands(programs: int, warps: int, height_out: int, registers: int, sms: int) -> int:
+    """The band count that minimises waves / bands (each program takes about one row step at a
+    time, and a band 1 / bands of an image's steps), the fewest on ties, with at least
+    ROW_BAND_MIN_ROWS rows a band: a wave is the SMs times the programs that fit one by
+    ``registers`` a thread and by warps (64 an SM on sm_80 and sm_90)."""
+    per_sm = max(1, min(65536 // (registers * 32 * warps), 64 // warps))
+    slots = sms * per_sm
+    most = max(1, height_out // ROW_BAND_MIN_ROWS)
+    return min(range(1, most + 1), key=lambda n: (cdiv(programs * n, slots) / n, n))
+
+
 def _row_launch(warps: int, x: torch.Tensor, stride: int) -> dict:
     """The row-streaming kernels' launch options. The register cap goes to 16-bit channels_last
     launches at stride 1 only: under it ptxas spills at most 4 bytes there, but 40 to 152 at
     stride 2 (``_bwd_reduce``), and 200 to 580 in several fp32 and NCHW tiles
     (``tests/compile_for_gpu.py --ptxas``, triton 3.9), which ``test_kernels_compile`` forbids on
-    the fast path. The cap paid most at stride 1 (S1 2.828 -> 2.425 ms; stride 2: 0.933 -> 0.901
-    and 1.253 -> 1.230)."""
+    the fast path. Timed at stride 1 only (CoAtNet's depthwise convs all run at stride 1): S1
+    2.828 -> 2.425 ms, 28x28 C384 0.933 -> 0.901, 28x28 C768 1.253 -> 1.230."""
     capped = ROW_MAXNREG is not None and stride == 1 and x.element_size() == 2 and is_channels_last(x)
     return {"num_warps": warps, "maxnreg": ROW_MAXNREG} if capped else {"num_warps": warps}
 
@@ -992,15 +1073,18 @@ def batch_stats(x, weight, stride: int, running=None):
     x = _fit_offsets("x", x)
     batch, channels, height, width, ho, wo = _geometry(x, stride)
     block_w, block_c, warps = _row_blocks(x, channels, wo)
-    means, m2s = torch.empty((2, batch, channels), dtype=torch.float32, device=x.device).unbind(0)
+    launch = _row_launch(warps, x, stride)
+    programs = image_channel_grid(batch, channels, block_c)
+    rows, bands = _row_bands(x, programs, warps, ho, launch)
+    means, m2s = torch.empty((2, batch * bands, channels), dtype=torch.float32, device=x.device).unbind(0)
     taps, tap_strides = _taps(weight)
-    _stats[(image_channel_grid(batch, channels, block_c),)](
+    _stats[(programs, bands)](
         x, taps, means, m2s, *x.stride(), *tap_strides,
-        channels, height, width, ho, wo,
+        channels, height, width, ho, wo, rows,
         STRIDE=stride, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
-        **_l2_prefetch(x, block_c, block_w * stride + 2), **_row_launch(warps, x, stride),
+        **_l2_prefetch(x, block_c, block_w * stride + 2), **launch,
     )
-    return merge_stats(means.view(batch, 1, channels), m2s.view(batch, 1, channels), ho * wo, ho * wo,
+    return merge_stats(means.view(batch, bands, channels), m2s.view(batch, bands, channels), ho * wo, rows * wo,
                        running=running)
 
 
@@ -1013,16 +1097,21 @@ def apply(x, weight, mean, rstd, gamma, beta, stride: int, pool: bool):
     y = _out_like(x, (batch, channels, ho, wo))
     x = _fit_offsets("x", x)
     block_w, block_c, warps = _row_blocks(x, channels, wo)
-    sums = torch.empty((batch, channels) if pool else (0,), dtype=torch.float32, device=x.device)
+    launch = _row_launch(warps, x, stride)
+    programs = image_channel_grid(batch, channels, block_c)
+    rows, bands = _row_bands(x, programs, warps, ho, launch)
+    sums = torch.empty((batch, bands, channels) if pool else (0,), dtype=torch.float32, device=x.device)
     taps, tap_strides = _taps(weight)
-    _apply[(image_channel_grid(batch, channels, block_c),)](
+    _apply[(programs, bands)](
         x, taps, mean, rstd, gamma, beta, y, sums,
         *x.stride(), *tap_strides, *y.stride(),
-        channels, height, width, ho, wo,
+        channels, height, width, ho, wo, rows,
         STRIDE=stride, HAS_POOL=pool,
         BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
-        **_l2_prefetch(x, block_c, block_w * stride + 2), **_row_launch(warps, x, stride),
+        **_l2_prefetch(x, block_c, block_w * stride + 2), **launch,
     )
+    if pool:  # per band: one more (small) launch only when the image was split
+        sums = sums.sum(1) if bands > 1 else sums.view(batch, channels)
     return y, sums
 
 
@@ -1036,13 +1125,16 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
     dpool = dpool.contiguous() if has_dpool else mean
     taps, tap_strides = _taps(weight)
     common = (*x.stride(), *tap_strides, *dy.stride())
-    sum_du, sum_du_xhat = torch.empty((2, batch, channels), dtype=torch.float32, device=x.device).unbind(0)
     block_w, block_c, warps = _row_blocks(x, channels, wo)
-    _bwd_reduce[(image_channel_grid(batch, channels, block_c),)](
+    launch = _row_launch(warps, x, stride)
+    programs = image_channel_grid(batch, channels, block_c)
+    rows, bands = _row_bands(x, programs, warps, ho, launch)
+    sum_du, sum_du_xhat = torch.empty((2, batch * bands, channels), dtype=torch.float32, device=x.device).unbind(0)
+    _bwd_reduce[(programs, bands)](
         x, taps, dy, dpool, mean, rstd, gamma, beta, sum_du, sum_du_xhat, *common,
-        channels, height, width, ho, wo, 1.0,
+        channels, height, width, ho, wo, rows, 1.0,
         STRIDE=stride, HAS_DPOOL=has_dpool, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=PREFETCH_ROWS,
-        **_l2_prefetch(x, block_c, block_w * stride + 2), **_row_launch(warps, x, stride),
+        **_l2_prefetch(x, block_c, block_w * stride + 2), **launch,
     )
     dbeta, dgamma = sum_du.sum(0), sum_du_xhat.sum(0)  # not views of one tensor: the custom op returns them
     dw_partial = torch.empty((batch, channels, 9), dtype=torch.float32, device=x.device)
@@ -1052,11 +1144,11 @@ def backward(dy, dpool, x, weight, gamma, beta, mean, rstd, stride: int, trainin
         # dz through memory: bf16 keeps fp32's range (fp16's would not hold a scaled loss's
         # gradients), and cuDNN's BatchNorm backward rounds the conv's incoming gradient so too.
         dz = _out_like(caller_x, (batch, channels, ho, wo), x.dtype if x.dtype == torch.bfloat16 else torch.float32)
-        _bwd_dz[(image_channel_grid(batch, channels, block_c),)](
+        _bwd_dz[(programs, bands)](
             x, taps, dy, dpool, mean, rstd, gamma, beta, dbeta, dgamma, dz, *common, *dz.stride(),
-            channels, height, width, ho, wo, 1.0, inv_count,
+            channels, height, width, ho, wo, rows, 1.0, inv_count,
             STRIDE=stride, HAS_DPOOL=has_dpool, TRAINING=training, BLOCK_W=block_w, BLOCK_C=block_c,
-            PREFETCH=PREFETCH_ROWS, **_l2_prefetch(x, block_c, block_w * stride + 2), **_row_launch(warps, x, stride),
+            PREFETCH=PREFETCH_ROWS, **_l2_prefetch(x, block_c, block_w * stride + 2), **launch,
         )
         block_wo, block_wi, block_c, warps = _dz_row_blocks(x, channels, width, wo)
         _bwd_dx_dw[(image_channel_grid(batch, channels, block_c),)](

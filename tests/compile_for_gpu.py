@@ -38,7 +38,7 @@ FP32_POINTERS = {"T", "LSE", "DELTA", "DQ_ACC", "DBIAS", "DT", "WT", "SCALE", "S
                  "GAMMA", "BETA", "SUM_DU", "SUM_DU_XHAT", "DBETA", "DGAMMA", "DPOOL",
                  "DW_PARTIAL", "OUT_MEAN", "OUT_VAR", "OUT_RSTD", "RUN_MEAN", "RUN_VAR", "RING", "SCRATCH"}
 FLOATS = {"scale", "inv_p", "inv_count", "count", "momentum", "eps"}
-SIZES = {"N", "H", "W", "C", "P", "R", "HO", "WO", "P_SPLIT", "G", "S"}  # upper-case scalars; other upper-case names are pointers
+SIZES = {"N", "H", "W", "C", "P", "R", "HO", "WO", "ROWS", "P_SPLIT", "G", "S"}  # upper-case scalars; other upper-case names are pointers
 
 
 def signature(kernel, act, constexprs):

@@ -561,9 +561,53 @@ def test_triton_l2_prefetch_launch_options(monkeypatch):
     assert (narrow["L2_CHANS"], narrow["L2_STEP"], narrow["L2_COLS"]) == (1, 8, 64)
 
 
-def test_triton_l2_prefetch_distance_from_the_environment():
-    """COATNET_FAST_L2_AHEAD_ROWS sets the prefetch distance for a process; anything but a
-    count of rows is refused with the variable's name."""
+@pytest.mark.parametrize("bands", [2, 3])
+def test_triton_row_bands(bands, device, monkeypatch):
+    """The row-streaming kernels with each image's output rows split into bands (ROW_BANDS), one
+    program a band: 11 output rows in bands of 6 + 5 or 4 + 4 + 3 (a band's first row takes the
+    input rows above it; its per-band statistics, pooled sums and BatchNorm-backward sums are
+    merged afterwards), both strides, train and eval, both layouts, and the pooled variant, each
+    against float64; the launches show the band grid."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    grids = []
+    for name in ("_stats", "_apply", "_bwd_reduce", "_bwd_dz"):
+        kernel = getattr(kernels, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                grids.append((name, grid))
+                return kernel[grid]
+
+        monkeypatch.setattr(kernels, name, Spy())
+    monkeypatch.setattr(kernels, "ROW_BANDS", bands)
+    for channels_last in (True, False):
+        for stride, training in ((1, True), (2, True), (1, False)):
+            height = 11 if stride == 1 else 21  # 11 output rows either way
+            check("triton", (2, 21, height, 9), stride, training, channels_last, torch.float32, device)
+    assert {name for name, _ in grids} == {"_stats", "_apply", "_bwd_reduce", "_bwd_dz"}
+    assert all(len(grid) == 2 and grid[1] == bands for _, grid in grids), grids
+    # The pooled variant (per-band sums of the output, summed over the bands) and its gradients.
+    for stride in (1, 2):
+        test_pooled_variant_feeds_se("triton", True, True, stride, device)
+
+
+def test_triton_row_bands_fill_the_gpu():
+    """``best_row_bands``: bands when an image's programs leave slots empty, not when they fill
+    them, with CoAtNet-0's launches on a 132-SM H200 (168 registers a thread under the cap)."""
+    from coatnet_fast.kernels import dwconv_bn_gelu as kernels
+
+    assert kernels.best_row_bands(384, 4, 56, 168, 132) == 1  # S1 56x56 C384: 384 of 396 slots
+    assert kernels.best_row_bands(768, 2, 28, 168, 132) == 1  # S2 28x28 C768: 768 of 792
+    assert kernels.best_row_bands(384, 2, 28, 168, 132) == 2  # S2 28x28 C384: 384 of 792
+    assert kernels.best_row_bands(256, 4, 56, 168, 132) == 3  # S1's first block, C256: 256 of 396
+    assert kernels.best_row_bands(8, 4, 10, 168, 132) == 1  # rows too few to split
+    assert kernels.best_row_bands(8, 4, 56, 168, 132) == 8  # a small batch: as many bands as rows allow
+
+
+def test_triton_row_knobs_from_the_environment():
+    """COATNET_FAST_L2_AHEAD_ROWS and COATNET_FAST_ROW_BANDS set the prefetch distance and the
+    row bands for a process; anything else is refused with the variable's name."""
     import os
     import subprocess
     import sys
@@ -575,6 +619,15 @@ def test_triton_l2_prefetch_distance_from_the_environment():
     env["COATNET_FAST_L2_AHEAD_ROWS"] = "-1"
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "COATNET_FAST_L2_AHEAD_ROWS='-1'" in done.stderr, done.stderr[-2000:]
+    # COATNET_FAST_ROW_BANDS likewise: a count, or "auto" (None: the GPU's fill decides)
+    probe = "from coatnet_fast.kernels import dwconv_bn_gelu as k; print(k.ROW_BANDS)"
+    for value, printed in (("3", "3"), ("auto", "None")):
+        env = dict(os.environ, COATNET_FAST_ROW_BANDS=value)
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.split()[-1] == printed, done.stderr[-2000:]
+    env["COATNET_FAST_ROW_BANDS"] = "0"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "COATNET_FAST_ROW_BANDS='0'" in done.stderr, done.stderr[-2000:]
 
 
 def _ring_reach(height, width, stride, block_p):
