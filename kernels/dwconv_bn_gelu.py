@@ -219,6 +219,14 @@ def _l2_input_rows(X, b, ho, cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C,
 
 
 @triton.jit
+def _l2_input_and_dy_rows(X, DY, b, ho, cols, wo, c0, sx_b, sx_c, sx_h, sx_w, sdy_b, sdy_c, sdy_h, sdy_w,
+                          H, W, HO, WO, C, STRIDE: tl.constexpr, L2_CHANS: tl.constexpr, L2_STEP: tl.constexpr):
+    """The backward's ``_l2_input_rows``: output row ho's input rows and its dy row."""
+    _l2_input_rows(X, b, ho, cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE, L2_CHANS, L2_STEP)
+    _l2_tile(DY, b, ho, wo, c0, sdy_b, sdy_c, sdy_h, sdy_w, HO, WO, C, L2_CHANS, L2_STEP)
+
+
+@triton.jit
 def _row_acc(acc, x0, x1, x2, wts, ky: tl.constexpr):
     """acc plus one input row's contribution through kernel row ky."""
     acc += x0 * wts[ky * 3][None, :]
@@ -450,9 +458,8 @@ def _bwd_reduce(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, SUM_DU, SUM_DU_XHAT,
         dy_next = _dy_ahead(DY, b, h0, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
         for ho in range(h0, h1):
             if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
-                _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
-                               L2_CHANS, L2_STEP)
-                _l2_tile(DY, b, ho + 1 + L2_AHEAD, wo, c0, sdy_b, sdy_c, sdy_h, sdy_w, HO, WO, C, L2_CHANS, L2_STEP)
+                _l2_input_and_dy_rows(X, DY, b, ho + 1 + L2_AHEAD, l2_cols, wo, c0, sx_b, sx_c, sx_h, sx_w,
+                                      sdy_b, sdy_c, sdy_h, sdy_w, H, W, HO, WO, C, STRIDE, L2_CHANS, L2_STEP)
             dy, dy_next = _dy_step(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, dy_next,
                                    PREFETCH)
             z, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
@@ -712,9 +719,8 @@ def _bwd_dz(X, WT, DY, DPOOL, MEAN, RSTD, GAMMA, BETA, DBETA, DGAMMA, DZ,
         dy_next = _dy_ahead(DY, b, h0, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, PREFETCH)
         for ho in range(h0, h1):
             if L2_AHEAD > 0:  # L2_AHEAD steps past the one whose rows this step loads
-                _l2_input_rows(X, b, ho + 1 + L2_AHEAD, l2_cols, c0, sx_b, sx_c, sx_h, sx_w, H, W, C, STRIDE,
-                               L2_CHANS, L2_STEP)
-                _l2_tile(DY, b, ho + 1 + L2_AHEAD, wo, c0, sdy_b, sdy_c, sdy_h, sdy_w, HO, WO, C, L2_CHANS, L2_STEP)
+                _l2_input_and_dy_rows(X, DY, b, ho + 1 + L2_AHEAD, l2_cols, wo, c0, sx_b, sx_c, sx_h, sx_w,
+                                      sdy_b, sdy_c, sdy_h, sdy_w, H, W, HO, WO, C, STRIDE, L2_CHANS, L2_STEP)
             dy, dy_next = _dy_step(DY, b, ho, wo, w_ok, offs_c, c_ok, sdy_b, sdy_c, sdy_h, sdy_w, HO, dy_next,
                                    PREFETCH)
             z, acc_a, acc_b, _taps, rows = _conv_row(X, wts, b, ho, wo, w_ok, offs_c, c_ok, acc_a, acc_b, rows,
