@@ -4,7 +4,8 @@ Every kernel runs one program per (image, channel block) that walks the whole im
 row-streaming kernels with ``ROW_BANDS``, one band of its output rows), recomputing the conv from
 x: nothing but x is kept between passes (the backward's one activation-sized
 intermediate, dz, lives only while the backward runs; ``DZ_PATH``). Per-channel reductions
-therefore finish inside one program per image, in a fixed order: results are deterministic and
+therefore finish inside one program per image (or band), in a fixed order: results are
+deterministic for a given band count (``ROW_BANDS`` = None lets the GPU's size choose it) and
 need no atomics, and partials are per image or per (image, band) ([B, C] or [B, bands, C];
 [B, C, 9] for d(weight)), not per tile.
 
@@ -947,7 +948,7 @@ def _row_bands(x: torch.Tensor, programs: int, warps: int, height_out: int, laun
     """(rows a band, bands) of a row-streaming launch of ``programs`` programs a band:
     ``ROW_BANDS`` when set, else ``best_row_bands`` for this GPU (whole images elsewhere)."""
     if ROW_BANDS is not None:
-        bands = max(1, min(ROW_BANDS, height_out))
+        bands = max(1, min(ROW_BANDS, height_out, 65535))  # grid axis 1's limit
     elif x.device.type != "cuda":
         bands = 1
     else:
@@ -955,8 +956,8 @@ def _row_bands(x: torch.Tensor, programs: int, warps: int, height_out: int, laun
         if sms is None:
             sms = _SM_COUNTS[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
         bands = best_row_bands(programs, warps, height_out, launch.get("maxnreg") or 255, sms)
-    rows = cdiv(height_out, bands)
-    return rows, cdiv(height_out, rows)
+    rows = max(1, cdiv(height_out, bands))
+    return rows, max(1, cdiv(height_out, rows))
 
 
 def best_row_bands(programs: int, warps: int, height_out: int, registers: int, sms: int) -> int:
@@ -986,7 +987,8 @@ def _l2_prefetch(x: torch.Tensor, block_c: int, columns: int, gpu: Optional[bool
     ``columns`` input columns a row step: off (L2_AHEAD 0) unless x is channels_last on a GPU
     (``gpu`` overrides the device test, for compiling without one); one address per 32 bytes of
     the channel block."""
-    gpu = x.device.type == "cuda" if gpu is None else gpu
+    if gpu is None:  # PTX: NVIDIA GPUs only, and never under the interpreter
+        gpu = x.device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
     step = max(1, min(block_c, 32 // x.element_size()))
     ahead = L2_AHEAD_ROWS if gpu and is_channels_last(x) else 0
     return {"L2_AHEAD": ahead, "L2_COLS": next_power_of_2(columns), "L2_CHANS": max(1, block_c // step),
