@@ -987,12 +987,19 @@ def _l2_prefetch(x: torch.Tensor, block_c: int, columns: int, gpu: Optional[bool
     ``columns`` input columns a row step: off (L2_AHEAD 0) unless x is channels_last on a GPU
     (``gpu`` overrides the device test, for compiling without one); one address per 32 bytes of
     the channel block."""
-    if gpu is None:  # PTX: NVIDIA GPUs only, and never under the interpreter
-        gpu = x.device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+    if gpu is None:
+        gpu = x.device.type == "cuda" and _PTX_PREFETCH
+    if not (L2_AHEAD_ROWS and gpu and is_channels_last(x)):
+        return _NO_L2  # one specialization for every launch without it, and no work on the host
     step = max(1, min(block_c, 32 // x.element_size()))
-    ahead = L2_AHEAD_ROWS if gpu and is_channels_last(x) else 0
-    return {"L2_AHEAD": ahead, "L2_COLS": next_power_of_2(columns), "L2_CHANS": max(1, block_c // step),
+    return {"L2_AHEAD": L2_AHEAD_ROWS, "L2_COLS": next_power_of_2(columns), "L2_CHANS": max(1, block_c // step),
             "L2_STEP": step}
+
+
+# The prefetch is PTX: NVIDIA GPUs only, and never under the interpreter (which reads
+# TRITON_INTERPRET when triton is imported, as this does).
+_PTX_PREFETCH = torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+_NO_L2 = {"L2_AHEAD": 0, "L2_COLS": 1, "L2_CHANS": 1, "L2_STEP": 1}
 
 
 def _dz_row_blocks(x: torch.Tensor, channels: int, width: int, width_out: int):
