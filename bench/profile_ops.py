@@ -128,8 +128,8 @@ def batch_norm_act_cases(args, device, dtype):
 def model_cases(args, device, dtype):
     """A CoAtNet-0 training step (forward, cross-entropy, backward) and an inference forward,
     autocast to ``--dtype``, channels_last on a GPU: on eager and on each fused backend (the ops
-    it has; the rest eager), and under torch.compile (default mode: the kernels are a CUDA
-    graph's, the host work shows) for each ``<backend>:compile`` that ``--providers`` names
+    it has; the rest eager), and under torch.compile (its default mode: no CUDA graphs, so the
+    host work shows beside Inductor's kernels) for each ``<backend>:compile`` that ``--providers`` names
     (``eager:compile`` the seed model). Its kernel list says which of the model's kernels the
     time is in."""
     import torch.nn.functional as F
