@@ -897,10 +897,15 @@ ROW_MAXNREG: Optional[int] = 168
 # kept too few bytes in flight to stream at memory speed (S1: 1.2 to 1.7 TB/s of an H200's 4.8);
 # an L2 prefetch holds no registers and turns the demand loads several steps later into L2
 # hits. channels_last launches on a GPU only: the prefetch is PTX, and its tile steps along the
-# contiguous channels (NCHW would want columns). Off until a GPU has timed it: the session that
-# wrote it had no GPU (``bench_dwconv_bn_gelu.py --variants l2ahead2,l2ahead4,l2ahead8``; the
-# GPU tests check it changes no result, ``test_kernels_compile`` that it compiles without spills).
-# COATNET_FAST_L2_AHEAD_ROWS sets it for a process (a whole-model benchmark with it on, say).
+# contiguous channels (NCHW would want columns). Off: the H200 sweep of c68a2d4
+# (bench/results/dwconv_bn_gelu_h200_c68a2d4.json, training forward+backward, graph ms), 0 / 2 /
+# 4 / 8 rows ahead:
+#   S1 56x56 C384      2.431 / 2.702 / 2.764 / 2.861
+#   S2 28x28 C384      0.909 / 0.869 / 0.892 / 0.928
+#   S2 28x28 C768      1.230 / 1.271 / 1.292 / 1.346
+# the extra loads cost S1 more than the hits save, and the whole compiled model trained at
+# 3,965 images/s with 4 rows ahead against 4,025 without (model_*_h200_c68a2d4.json).
+# COATNET_FAST_L2_AHEAD_ROWS sets it for a process.
 
 
 def _env_rows(name: str, default: int) -> int:
@@ -917,22 +922,26 @@ L2_AHEAD_ROWS = _env_rows("COATNET_FAST_L2_AHEAD_ROWS", 0)
 
 # Bands of output rows the row-streaming kernels split each image into, one program a band
 # (grid axis 1), each starting from the input rows above its first (``_conv_rows_start``) and
-# writing per-(image, band) partial sums: 1 keeps whole images; None lets ``_row_bands`` choose
-# from the GPU's size. A program walks its rows one memory latency at a time, so the time of a
-# launch is its longest program's rows times the waves it takes. At CoAtNet-0's 28x28 with 384
-# channels (S2's first block, whose expand conv takes the stride) 384 programs of 2 warps fill
-# about half an H200's slots (the four-elements-a-thread variant, 4 warps a program, ran that
-# shape's training in 0.740 ms against 0.901); two bands fill them. Off until a GPU times it
-# (``bench_dwconv_bn_gelu.py --variants bands2,bandsauto``).
-# COATNET_FAST_ROW_BANDS sets it for a process ("auto" for None).
+# writing per-(image, band) partial sums: 1 keeps whole images; None (the default) lets
+# ``_row_bands`` choose from the GPU's size. A program walks its rows one memory latency at a
+# time, so the time of a launch is its longest program's rows times the waves it takes. At
+# CoAtNet-0's 28x28 with 384 channels (S2's first block, whose expand conv takes the stride) 384
+# programs of 2 warps fill about half an H200's slots; two bands fill them. The H200 sweep of
+# c68a2d4 (dwconv_bn_gelu_h200_c68a2d4.json, graph ms, forward / training forward+backward):
+#   S2 28x28 C384      1 band 0.231 / 0.893    2 bands 0.165 / 0.706    auto (2) 0.165 / 0.706
+#   S2 28x28 C768      1 band 0.291 / 1.294    2 bands 0.323 / 1.370    auto (1) 0.290 / 1.292
+#   S1 56x56 C384      1 band 0.586 / 2.753    2 bands 0.577 / 2.773    auto (1) 0.587 / 2.749
+# (that sweep ran with 4 rows of L2 prefetch in every column, which moved 28x28 C384 by 2%).
+# ``best_row_bands`` picks 3 for S1's first block (56x56, 256 channels), which no GPU has timed.
+# Bands change the order of the per-channel sums, so results are deterministic for a given GPU
+# (its SM count picks the bands), and bit-identical across GPUs with COATNET_FAST_ROW_BANDS=1.
+# COATNET_FAST_ROW_BANDS sets it for a process (a count, or "auto").
 
 
 def _env_bands(name: str) -> Optional[int]:
     value = os.environ.get(name, "").strip()
-    if value == "auto":
+    if value == "auto" or not value:
         return None
-    if not value:
-        return 1
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{name}={value!r}: expected a number of bands, 1 or more, or 'auto'")
     return int(value)

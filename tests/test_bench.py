@@ -539,14 +539,14 @@ def test_bench_dwconv_bn_gelu_forced_tiles(tmp_path):
     # could see: the interpreter has no registers, and its tiles are fixed).
     knobs = lambda: (kernels.PREFETCH_ROWS, kernels.ROW_ELEMENTS_PER_THREAD, kernels.ROW_MAXNREG,  # noqa: E731
                      kernels.L2_AHEAD_ROWS, kernels.ROW_BANDS)
-    default = (True, 8, 168, kernels.L2_AHEAD_ROWS, 1)
+    default = (True, 8, 168, kernels.L2_AHEAD_ROWS, kernels.ROW_BANDS)
     for variant, expected in (("noprefetch", (False, 8, 168)), ("rows4", (True, 4, 168)), ("maxnreg0", (True, 8, None)),
                               ("maxnreg96", (True, 8, 96))):
         bench_dwconv_bn_gelu.configure(f"triton@{variant}")
         assert knobs() == expected + default[3:], variant
     for ahead in (0, 2, 8):
         bench_dwconv_bn_gelu.configure(f"triton@l2ahead{ahead}")
-        assert knobs() == default[:3] + (ahead, 1)
+        assert knobs() == default[:3] + (ahead, default[4])
     for variant, bands in (("bands2", 2), ("bands4", 4), ("bandsauto", None)):
         bench_dwconv_bn_gelu.configure(f"triton@{variant}")
         assert knobs() == default[:4] + (bands,)

@@ -620,7 +620,7 @@ def test_triton_row_knobs_from_the_environment():
     assert done.returncode != 0 and "COATNET_FAST_L2_AHEAD_ROWS='-1'" in done.stderr, done.stderr[-2000:]
     # COATNET_FAST_ROW_BANDS likewise: a count, or "auto" (None: the GPU's fill decides)
     probe = "from coatnet_fast.kernels import dwconv_bn_gelu as k; print(k.ROW_BANDS)"
-    for value, printed in (("3", "3"), ("auto", "None")):
+    for value, printed in (("3", "3"), ("1", "1"), ("auto", "None"), ("", "None")):
         env = dict(os.environ, COATNET_FAST_ROW_BANDS=value)
         done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.split()[-1] == printed, done.stderr[-2000:]
