@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
 # Autotuning every test shape would take minutes; the fixed tiles, and every config of the
 # tuning lists (test_every_tile_config_of_the_tuning_lists), are tested instead.
 os.environ.setdefault("COATNET_FAST_AUTOTUNE", "0")
+# Under pytest-xdist (the README's `-n 2`) the workers share the cores: each takes its share of
+# torch's threads instead of all of them, so the workers' CPU ops do not oversubscribe the cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 import pytest  # noqa: E402
 
