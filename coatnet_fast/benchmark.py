@@ -14,6 +14,8 @@ model in ``--models``, these providers:
   backend:<b>[:compile]:train-batch_norm_act  the same with the stem's and MBConv's
                         BatchNorm (+ GELU) blocks fused in training too (ConvBN's
                         fused_in_training; by default they are fused in eval only)
+  backend:<b>[:compile]:pad-conv-input<N>  the same with ConvBN's conv inputs zero-padded
+                        to a multiple of N channels (the stem's 3; ConvBN.pad_input_channels)
   <any of the above>:graphs  the step captured once as a CUDA graph and replayed
                         (coatnet_fast.cuda_graphs.CapturedStep; AdamW capturable), so
                         that no host work is timed; compiled providers take
@@ -64,6 +66,7 @@ SMOKE_MODEL = {"num_blocks": (1, 1, 1, 1, 1), "channels": (16, 24, 32, 64, 96)}
 _CHECKOUT = Path(__file__).resolve().parent.parent
 SE_GATE = "se-gate"  # backend:<b>:no-se-gate: MBConv's SE multiplies the activation (see MBConv)
 TRAIN_BATCH_NORM_ACT = "train-batch_norm_act"  # backend:<b>:train-batch_norm_act: ConvBN.fused_in_training
+PAD_CONV_INPUT = "pad-conv-input"  # backend:<b>:pad-conv-input<N>: ConvBN.pad_input_channels = N
 GRAPHS = "graphs"  # <provider>:graphs: the step replayed from a CUDA graph (the last option)
 
 
@@ -299,7 +302,8 @@ def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]
     """parse_provider's answer and the options of a ``backend:<b>[:compile][:no-<op>...]`` provider:
     what it leaves unfused, to measure what one fusion is worth inside the model (the ops named,
     and with ``no-se-gate`` MBConv's SE gate multiplying the activation instead of going into the
-    projection's weights), and ``train-batch_norm_act`` where it fuses ConvBN in training too."""
+    projection's weights), ``train-batch_norm_act`` where it fuses ConvBN in training too, and
+    ``pad-conv-input<N>`` where ConvBN pads its conv's input channels to a multiple of N."""
     provider = split_graphs(provider)[0]
     if provider == "eager":
         return "reference", None, False, []
@@ -315,7 +319,7 @@ def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]
         options = parts[2:]
         compiled = options[:1] == ["compile"]
         options = options[int(compiled):]
-        if all(o.startswith("no-") or o == TRAIN_BATCH_NORM_ACT for o in options):
+        if all(o.startswith("no-") or o == TRAIN_BATCH_NORM_ACT or _pad_multiple(o) for o in options):
             unknown = [o[len("no-"):] for o in options
                        if o.startswith("no-") and o[len("no-"):] not in dispatch.ops() + [SE_GATE]]
             if unknown:
@@ -323,9 +327,16 @@ def _parse_provider(provider: str) -> Tuple[str, Optional[str], bool, List[str]]
                                     f"{', '.join(dispatch.ops() + [SE_GATE])}")
             return "reference", parts[1], compiled, [o[len("no-"):] if o.startswith("no-") else o for o in options]
     raise ProviderError(f"unknown provider {provider!r}; choose eager, compile, timm, fused, "
-                        f"backend:<name>[:compile][:no-<op>...][:{TRAIN_BATCH_NORM_ACT}], each optionally "
+                        f"backend:<name>[:compile][:no-<op>...][:{TRAIN_BATCH_NORM_ACT}][:{PAD_CONV_INPUT}<N>], "
+                        f"each optionally "
                         f"followed by :{GRAPHS}, with name in "
                         f"{', '.join(dispatch.BACKENDS)}")
+
+
+def _pad_multiple(option: str) -> int:
+    """N of a ``pad-conv-input<N>`` option (N >= 2), else 0."""
+    digits = option[len(PAD_CONV_INPUT):] if option.startswith(PAD_CONV_INPUT) else ""
+    return int(digits) if digits.isdigit() and int(digits) >= 2 else 0
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -355,6 +366,10 @@ def build(provider: str, model: str, settings: dict) -> Tuple[torch.nn.Module, L
             module.se_gate_in_projection = False
         if TRAIN_BATCH_NORM_ACT in options and isinstance(module, ConvBN):
             module.fused_in_training = True
+        if isinstance(module, ConvBN):
+            for option in options:
+                if _pad_multiple(option):
+                    module.pad_input_channels = _pad_multiple(option)
     return net, ops
 
 

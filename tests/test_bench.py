@@ -570,10 +570,15 @@ def test_a_provider_can_leave_one_fusion_on_eager():
     assert not any(m.fused_in_training for m in net.modules() if isinstance(m, ConvBN))
     net, _ = benchmark.build("backend:triton:compile:no-se-gate:train-batch_norm_act", "coatnet_0", settings)
     assert all(m.fused_in_training for m in net.modules() if isinstance(m, ConvBN))
+    assert not any(m.pad_input_channels for m in net.modules() if isinstance(m, ConvBN))
+    net, _ = benchmark.build("backend:triton:compile:pad-conv-input8", "coatnet_0", settings)
+    assert {m.pad_input_channels for m in net.modules() if isinstance(m, ConvBN)} == {8}
     for bad, message in (("backend:triton:no-nope", "unknown op 'nope'"),
                          ("backend:triton:fast", "unknown provider"),
                          ("backend:triton:no-batch_norm_act:compile", "unknown provider"),
-                         ("backend:triton:no-train-batch_norm_act", "unknown op 'train-batch_norm_act'")):
+                         ("backend:triton:no-train-batch_norm_act", "unknown op 'train-batch_norm_act'"),
+                         ("backend:triton:pad-conv-input1", "unknown provider"),
+                         ("backend:triton:pad-conv-inputs", "unknown provider")):
         with pytest.raises(benchmark.ProviderError, match=message):
             benchmark.parse_provider(bad)
 

@@ -544,6 +544,58 @@ def test_gated_pointwise_conv_is_the_gated_1x1_conv(channels_last):
         assert relative_error(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_pads_its_input_channels_on_a_fused_backend(training, monkeypatch):
+    """ConvBN.pad_input_channels (the stem's 3 channels to 8): on a fused backend the conv runs on
+    zero-padded channels, and output, the gradients of x, the conv weight and BatchNorm's
+    parameters, and the running statistics match the seed's modules in float64; eager and
+    channel counts already a multiple stay unpadded; the state dict is the seed's."""
+    from coatnet_fast.models import ConvBN
+
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+    fused = ConvBN(3, 8, 3, 2)
+    with torch.no_grad():
+        for t in (fused[1].weight, fused[1].bias, fused[1].running_mean):
+            t.copy_(torch.randn(t.shape, generator=g))
+        fused[1].running_var.copy_(torch.rand(8, generator=g) + 0.5)
+    expected = copy.deepcopy(fused).double()
+    fused.backend, fused.pad_input_channels = "triton", 8
+    fused.train(training)
+    expected.train(training)
+    assert list(fused.state_dict()) == list(expected.state_dict())
+
+    seen = []
+    real_conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, w, *a: seen.append((x.shape[1], w.shape[1])) or
+                        real_conv2d(x, w, *a))
+    x64 = torch.randn(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    x = x64.float().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x_ref = x64.clone().requires_grad_(True)
+    out = fused(x)
+    assert seen == [(8, 8)], seen  # the padded conv ran, on 8 input channels
+    ref = expected(x_ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, ref) < 1e-5
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(dy.float())
+    ref.backward(dy)
+    assert relative_error(x.grad, x_ref.grad) < 1e-5
+    for (name, a), b in zip(fused.named_parameters(), expected.parameters()):
+        assert a.grad is not None and relative_error(a.grad, b.grad) < 1e-4, name
+    assert fused[0].weight.grad.shape == (8, 3, 3, 3)
+    for (name, a), b in zip(fused.named_buffers(), expected.buffers()):
+        assert relative_error(a.double(), b) < 1e-5 if a.is_floating_point() else torch.equal(a, b), name
+    # Eager is the seed's module, unpadded; so is a conv whose channels are a multiple already.
+    seen.clear()
+    fused.backend = "eager"
+    fused(x)
+    wide = ConvBN(8, 4, 3, 1, backend="triton")
+    wide.pad_input_channels = 8
+    wide.train(training)(torch.randn(1, 8, 5, 5, generator=g))
+    assert seen == [(3, 3), (8, 8)], seen
+
+
 def test_fused_mbconv_keeps_no_gated_activation_for_the_backward():
     """On a fused path SE's gate goes into the projection's weights: autograd keeps the depthwise
     output once, and nothing of its size is written for the gated product."""

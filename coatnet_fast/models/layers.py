@@ -104,6 +104,14 @@ class ConvBN(_FusedBNSequential):
     # while inference gained from them (10,449 against 9,130). Set it per module (or the
     # benchmark's ``train-batch_norm_act`` provider option) to train through the fused op.
     fused_in_training: bool = False
+    # On a fused backend, the conv's input channels zero-padded up to a multiple of this (0: as
+    # they are), the weight's likewise: zeros add nothing to any sum, so the result is the
+    # conv's. For the stem's first conv, 3 channels: cuDNN runs it (NHWC, bf16, CoAtNet-0 at
+    # batch 128) as a direct conv, 0.48 ms of a 7.1 ms inference on an H200
+    # (bench/results/profile_ops_model_compile_h200_c68a2d4.json), where its 205 MB of output
+    # take ~0.05 ms to write; 8 channels (16 bytes a pixel) let it take an implicit GEMM on the
+    # tensor cores. Off until a GPU times it (the model benchmark's ``pad-conv-input8`` option).
+    pad_input_channels: int = 0
 
     def __init__(self, in_c: int, out_c: int, kernel_size: int = 1, stride: int = 1, gelu: bool = True,
                  backend: str = "eager"):
@@ -114,7 +122,16 @@ class ConvBN(_FusedBNSequential):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``residual + branch_scale[b] * self(x)``; each part only when given."""
-        return self._normalise(self[0](x), residual, branch_scale)
+        return self._normalise(self._conv(x), residual, branch_scale)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv, on input channels padded to ``pad_input_channels`` where that is set (fused
+        backends only: eager stays the seed's module)."""
+        conv, multiple = self[0], self.pad_input_channels
+        if (self.backend == "eager" or not multiple or conv.in_channels % multiple == 0 or conv.groups != 1
+                or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or x.dim() != 4):
+            return conv(x)
+        return padded_input_conv(x, conv, multiple)
 
     def forward_gated(self, x: torch.Tensor, gate: torch.Tensor, residual: Optional[torch.Tensor] = None,
                       branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -144,6 +161,23 @@ class ConvBN(_FusedBNSequential):
         params, kwargs = self._bn_args()
         return batch_norm_act(z, *params, activation="gelu" if len(self) == 3 else "identity",
                               residual=residual, branch_scale=branch_scale, **kwargs)
+
+
+def padded_input_conv(x: torch.Tensor, conv: nn.Conv2d, multiple: int) -> torch.Tensor:
+    """``conv(x)`` with x's channels and the weight's input channels zero-padded up to a multiple
+    of ``multiple``. Concatenation keeps x's memory format (channels_last stays channels_last);
+    the weight's gradient flows back through its slice."""
+    extra = -conv.in_channels % multiple
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels; the conv takes {conv.in_channels}")
+    b, _, h, w = x.shape
+    memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 \
+        else torch.contiguous_format
+    zeros = x.new_zeros((b, extra, h, w)).contiguous(memory_format=memory_format)
+    x = torch.cat([x.contiguous(memory_format=memory_format), zeros], dim=1)
+    weight = conv.weight
+    weight = torch.cat([weight, weight.new_zeros((weight.shape[0], extra) + tuple(weight.shape[2:]))], dim=1)
+    return nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation)
 
 
 def gated_pointwise_conv(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
