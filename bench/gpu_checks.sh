@@ -12,7 +12,7 @@
 #           no host work: how much of a step is host time)
 #   train   a short `coatnet-fast train` on the GPU defaults (bf16, channels_last)
 # Usage (device tool): COATNET_FAST_COMMIT=<sha> STAGES="setup test" bash bench/gpu_checks.sh
-# STAGES defaults to all of them; OPS (attention dwconv batch_norm_act) narrows the ops stage. One device call may run 600 s at most and a session has 900 s
+# STAGES defaults to all of them; OPS (attention dwconv batch_norm_act max_pool2d) narrows the ops stage. One device call may run 600 s at most and a session has 900 s
 # of device time, start-up included, so a session runs two calls on the warm machine (it is
 # given back after 30 s idle: have the second command ready), e.g. STAGES="setup ops" then
 # STAGES="profile model", with the stage limits below (or the *_TIMEOUT variables) keeping each
@@ -65,7 +65,7 @@ if stage test; then
   if [ -n "${PYTEST_K:-}" ]; then pytest_args+=(-k "$PYTEST_K"); fi
   timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$OUT/pytest.txt" | tail -40 || status=1
 fi
-OPS=${OPS:-attention dwconv batch_norm_act}
+OPS=${OPS:-attention dwconv batch_norm_act max_pool2d}
 op() { [[ " $OPS " == *" $1 "* ]]; }
 if stage ops && op attention; then
   timeout "${ATTN_TIMEOUT:-200}" python3 bench/bench_rel_bias_attention.py ${ATTN_ARGS:---models coatnet_0 --dtypes bf16} --out "$OUT/rel_bias_attention_gpu.json" > "$OUT/bench_attention.txt" 2>&1 || status=1
@@ -78,6 +78,10 @@ fi
 if stage ops && op batch_norm_act; then
   timeout "${BNA_TIMEOUT:-130}" python3 bench/bench_batch_norm_act.py ${BNA_ARGS:---tiles 64x64x4,64x64x8} --out "$OUT/batch_norm_act_gpu.json" > "$OUT/bench_batch_norm_act.txt" 2>&1 || status=1
   python3 bench/summarize.py "$OUT/batch_norm_act_gpu.json"
+fi
+if stage ops && op max_pool2d; then
+  timeout "${POOL_TIMEOUT:-90}" python3 bench/bench_max_pool2d.py ${POOL_ARGS:-} --out "$OUT/max_pool2d_gpu.json" > "$OUT/bench_max_pool2d.txt" 2>&1 || status=1
+  python3 bench/summarize.py "$OUT/max_pool2d_gpu.json"
 fi
 if stage profile; then
   timeout "${PROFILE_TIMEOUT:-180}" python3 bench/profile_ops.py ${PROFILE_ARGS:-} --out "$OUT/profile_ops_gpu.json" 2>&1 | grep -v USDT | tee "$OUT/profile_ops.txt" | tail -60 || status=1

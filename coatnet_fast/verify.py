@@ -17,6 +17,7 @@ from .models import CoAtNet, set_backend
 from .ops import dispatch
 from .ops.batch_norm_act import batch_norm_act
 from .ops.dwconv_bn_gelu import dwconv_bn_gelu
+from .ops.max_pool2d import max_pool2d
 from .ops.rel_bias_attention import rel_bias_attention, table_rows
 
 # Norm-wise relative error allowed against float64. fp32 leaves ~1e-7 per op; fp16 carries
@@ -229,6 +230,33 @@ def verify_batch_norm_act(backend: str, dtype: torch.dtype, device: torch.device
     return results
 
 
+MAX_POOL_CASES = (
+    # name, shape [B, C, H, W], channels_last, integer values (ties in most windows)
+    ("9x7 C6", (2, 6, 9, 7), False, False),
+    ("9x7 C6 ties NHWC", (2, 6, 9, 7), True, True),
+)
+
+
+def verify_max_pool2d(backend: str, dtype: torch.dtype, device: torch.device) -> List[Result]:
+    results = []
+    for name, shape, channels_last, ties in MAX_POOL_CASES:
+        g = torch.Generator(device="cpu").manual_seed(3)
+        x64 = (torch.randint(-2, 3, shape, generator=g).double() if ties
+               else torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype).double()
+        grad_out = torch.randn(shape[0], shape[1], 5, 4, generator=g, dtype=torch.float64).to(device)
+
+        def run(dt, op_backend):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            x = x64.to(device, dt).contiguous(memory_format=fmt).requires_grad_(True)
+            out = max_pool2d(x, 3, 2, 1, backend=op_backend)
+            return [out] + _grads(out, grad_out, [x])
+
+        err, worst = _worst(zip(("out", "dx"), run(dtype, backend), run(torch.float64, "eager")))
+        results.append(Result("max_pool2d", backend, str(dtype).replace("torch.", ""), name, err, worst,
+                              TOLERANCE[dtype]))
+    return results
+
+
 def run_verify(device: Optional[str] = None, dtypes: Optional[List[torch.dtype]] = None,
                backends: Optional[List[str]] = None, notes: Optional[List[str]] = None) -> List[Result]:
     """Run the checks; ``backends`` narrows them (default: all usable). Combinations that
@@ -241,7 +269,7 @@ def run_verify(device: Optional[str] = None, dtypes: Optional[List[torch.dtype]]
     results: List[Result] = []
     with exact_fp32():
         for op, verify_op in (("rel_bias_attention", verify_rel_bias_attention), ("dwconv_bn_gelu", verify_dwconv_bn_gelu),
-                              ("batch_norm_act", verify_batch_norm_act)):
+                              ("batch_norm_act", verify_batch_norm_act), ("max_pool2d", verify_max_pool2d)):
             for backend in wanted:
                 why = dispatch.why_not(op, backend)
                 if why:

@@ -31,6 +31,7 @@ import coatnet_fast  # noqa: F401  (serves coatnet_fast.kernels from a checkout)
 from coatnet_fast.kernels import _common as common
 from coatnet_fast.kernels import batch_norm_act as bna
 from coatnet_fast.kernels import dwconv_bn_gelu as dw
+from coatnet_fast.kernels import max_pool2d as mp
 from coatnet_fast.kernels import rel_bias_attention as attn
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -48,6 +49,8 @@ def signature(kernel, act, constexprs):
             sig[name] = "constexpr"
         elif name == "DZ":  # the backward's dz through memory: bf16 at bf16, else fp32 (see backward)
             sig[name] = "*bf16" if act == "bf16" else "*fp32"
+        elif name == "IDX":  # the max pool's one-byte window index
+            sig[name] = "*i8"
         elif name.isupper() and name not in SIZES:
             sig[name] = "*fp32" if name in FP32_POINTERS else f"*{act}"
         else:
@@ -226,6 +229,11 @@ def cases():
                 for training, write_dx, write_sums in ((True, False, True), (True, True, False), (False, True, True)):
                     yield bna._bwd, act, dict(tiles, GELU=gelu, HAS_BSCALE=not gelu, TRAINING=training,
                                               WRITE_DX=write_dx, WRITE_SUMS=write_sums), w, layout
+            # The max pool at the S1 shortcut's 64 channels (CoAtNet's 3 / 2 / 1 window).
+            block_p, block_c = mp._tiles(x, 64)
+            pool = dict(BLOCK_P=block_p, BLOCK_C=block_c, KERNEL=3, STRIDE=2, PAD=1)
+            yield mp._fwd, act, pool, dict(num_warps=mp.NUM_WARPS), layout
+            yield mp._bwd, act, dict(pool, WINDOWS=2), dict(num_warps=mp.NUM_WARPS), layout
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ import torch
 
 import coatnet_fast
 from coatnet_fast import BackendUnavailableError, CoAtNet, get_backend, set_backend
-from coatnet_fast.models import Attention, ConvBN, DWConvBNGELU
+from coatnet_fast.models import Attention, ConvBN, DWConvBNGELU, MaxPool2d
 from coatnet_fast.ops import batch_norm_act, dispatch, dwconv_bn_gelu, rel_bias_attention
 from coatnet_fast.ops.rel_bias_attention import rel_bias_attention_eager, table_rows
 
@@ -30,12 +30,14 @@ def attention_inputs(n_window=(3, 3)):
 
 
 def test_every_op_has_every_backend_entry_and_eager_is_usable():
-    assert set(dispatch.ops()) == {"rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act"}
+    assert set(dispatch.ops()) == {"rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act", "max_pool2d"}
     for op in dispatch.ops():
         assert set(dispatch._TABLE[op]) == set(dispatch.BACKENDS)
         assert "eager" in dispatch.usable_backends(op)
-    # Every backend has an implementation of every op (whether it runs here is why_not's question).
-    assert [(op, b) for op in dispatch.ops() for b in dispatch.BACKENDS if not dispatch.implemented(op, b)] == []
+    # Every backend has an implementation of every op (whether it runs here is why_not's question),
+    # but the C++ extension of max_pool2d (set_backend leaves the pools on eager).
+    assert [(op, b) for op in dispatch.ops() for b in dispatch.BACKENDS
+            if not dispatch.implemented(op, b)] == [("max_pool2d", "ext")]
 
 
 def test_an_entry_without_implementation_says_so(table_snapshot):
@@ -113,15 +115,17 @@ def test_set_backend_swaps_every_fusable_module_and_back(table_snapshot):
     assert calls == []
     assert set_backend(model, "triton") is model and get_backend(model) == "triton"
     assert list(model.state_dict()) == keys
-    fusable = (Attention, DWConvBNGELU, ConvBN)
+    fusable = (Attention, DWConvBNGELU, ConvBN, MaxPool2d)
     assert all(m.backend == "triton" for m in model.modules() if isinstance(m, fusable))
     assert _close(model(x), expected)  # MBConv's fused path folds SE's gate into the projection: reassociated
     n_attn = sum(isinstance(m, Attention) for m in model.modules())
     n_dw = sum(isinstance(m, DWConvBNGELU) for m in model.modules())
     n_pw = sum(isinstance(m, ConvBN) for m in model.modules())
+    n_pool = sum(isinstance(m, MaxPool2d) for m in model.modules())
     assert n_pw == 2 * n_dw + len(model.s0) and n_dw > 0  # each MBConv's expand and projection, each stem layer
+    assert n_pool > 0  # the downsampling blocks' pools
     assert sorted(calls) == sorted(["rel_bias_attention"] * n_attn + ["dwconv_bn_gelu"] * n_dw
-                                   + ["batch_norm_act"] * n_pw)
+                                   + ["batch_norm_act"] * n_pw + ["max_pool2d"] * n_pool)
     calls.clear()
     set_backend(model, "eager")
     assert get_backend(model) == "eager" and torch.equal(model(x), expected) and calls == []

@@ -293,6 +293,20 @@ def test_bench_dwconv_bn_gelu_smoke(tmp_path):
     assert payload["env"]["torch"] and payload["env"]["commit"]
 
 
+def test_bench_max_pool2d_smoke(tmp_path):
+    """The max-pool benchmark runs every usable backend, checks each against float64 and
+    writes rows with positive bandwidths."""
+    import bench_max_pool2d
+
+    out = tmp_path / "pool.json"
+    assert bench_max_pool2d.main(["--smoke", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    expected = {"eager"} | {b for b in dispatch.usable_backends("max_pool2d") if b != "eager"}
+    assert {r["provider"] for r in rows} == expected | ({"compile"} if torch.cuda.is_available() else set())
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r["correct"] and r["gbps"] > 0 for r in rows)
+
+
 def test_bench_batch_norm_act_smoke(tmp_path):
     import bench_batch_norm_act
 

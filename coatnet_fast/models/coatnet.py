@@ -22,7 +22,7 @@ from einops import rearrange
 
 from ..ops import dispatch
 from ..ops.rel_bias_attention import rel_bias_attention, relative_position_index
-from .layers import ConvBN, DWConvBNGELU, FusedOpModule, drop_path, drop_path_scale, set_backend
+from .layers import ConvBN, DWConvBNGELU, FusedOpModule, MaxPool2d, drop_path, drop_path_scale, set_backend
 
 
 def conv_3x3_bn(in_c, out_c, image_size, downsample=False, **_unused):
@@ -75,7 +75,7 @@ class MBConv(nn.Module):
 
         if self.downsample:
             self.downsample_layer = nn.Sequential(
-                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+                MaxPool2d(kernel_size=3, stride=2, padding=1),
                 nn.Conv2d(in_c, out_c, 1, 1, 0, bias=False),
             )
 
@@ -162,8 +162,8 @@ class Transformer(nn.Module):
         self.ih, self.iw = image_size
 
         if self.downsample:
-            self.pool1 = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-            self.pool2 = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.pool1 = MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.pool2 = MaxPool2d(kernel_size=3, stride=2, padding=1)
             self.proj = nn.Conv2d(in_c, out_c, 1, 1, 0, bias=False)
 
         self.attn = Attention(in_c, out_c, image_size, heads, dim_head, dropout)

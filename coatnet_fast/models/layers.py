@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..ops import dispatch
 from ..ops.batch_norm_act import batch_norm_act
 from ..ops.dwconv_bn_gelu import dwconv_bn_gelu, dwconv_bn_gelu_pool
+from ..ops.max_pool2d import max_pool2d
 
 
 class FusedOpModule:
@@ -54,6 +55,22 @@ class _FusedBNSequential(nn.Sequential, FusedOpModule):
             return True
         return (isinstance(bn, nn.SyncBatchNorm) and bn.training and torch.distributed.is_available()
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+
+
+class MaxPool2d(nn.MaxPool2d, FusedOpModule):
+    """The seed's ``nn.MaxPool2d`` (no parameters, the same constructor), routed through the
+    ``max_pool2d`` op on a fused backend; configurations the op does not take (dilation,
+    ceil_mode, returned indices, rectangular windows) run the module itself."""
+
+    fused_op = "max_pool2d"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        square = all(isinstance(v, int) for v in (k, s, p))
+        if (self.backend == "eager" or not square or self.dilation not in (1, (1, 1)) or self.ceil_mode
+                or self.return_indices):
+            return super().forward(x)
+        return max_pool2d(x, k, s, p, backend=self.backend)
 
 
 class DWConvBNGELU(_FusedBNSequential):
