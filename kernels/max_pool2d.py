@@ -14,7 +14,8 @@ backward, and their launchers.
   no zero-fill pass.
 
 Tensors are addressed by their four strides, so NCHW and channels_last both run without a copy,
-and the outputs take the input's layout. Offsets are 64-bit.
+and the outputs take the input's layout. Offsets are 64-bit (positions and channels both: a
+view's channel stride times C can pass 2**31 where a dense tensor's would not).
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def _positions(offs_p, HO, WO):
 @triton.jit
 def _fwd(X, Y, IDX, C, H, W, HO, WO, total,
          sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w,
-         KERNEL: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+         KERNEL: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, WRITE_INDEX: tl.constexpr,
          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = offs_p < total
     c_ok = offs_c < C
     b, oh, ow = _positions(offs_p, HO, WO)
@@ -70,7 +71,8 @@ def _fwd(X, Y, IDX, C, H, W, HO, WO, total,
     out = (b * sy_b)[:, None] + (oh * sy_h + ow * sy_w)[:, None] + offs_c[None, :] * sy_c
     mask = p_ok[:, None] & c_ok[None, :]
     tl.store(Y + out, best.to(Y.dtype.element_ty), mask=mask)
-    tl.store(IDX + out, arg.to(tl.int8), mask=mask)
+    if WRITE_INDEX:  # only when autograd will need it (inference skips a third of the writes)
+        tl.store(IDX + out, arg.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -79,7 +81,7 @@ def _bwd(DY, IDX, DX, C, H, W, HO, WO, total,
          KERNEL: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, WINDOWS: tl.constexpr,
          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = offs_p < total
     c_ok = offs_c < C
     b, h, w = _positions(offs_p, H, W)
@@ -122,20 +124,27 @@ def _empty(shape, like: torch.Tensor, dtype: torch.dtype, channels_last: bool) -
     return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
 
 
-def forward(x: torch.Tensor, kernel_size: int, stride: int, padding: int):
-    """(y, window index as int8), both in x's layout (channels_last or NCHW)."""
+def channel_blocks(x: torch.Tensor, channels: int) -> int:
+    """Programs along grid axis 1 (at most 65535 on CUDA) for x's layout."""
+    return cdiv(channels, _tiles(x, channels)[1])
+
+
+def forward(x: torch.Tensor, kernel_size: int, stride: int, padding: int, with_index: bool = True):
+    """(y, window index as int8), both in x's layout (channels_last or NCHW); without the index
+    (an empty int8 tensor in its place) when ``with_index`` is False."""
     batch, channels, height, width = x.shape
     ho, wo = out_size(height, kernel_size, stride, padding), out_size(width, kernel_size, stride, padding)
     channels_last = is_channels_last(x)
     y = _empty((batch, channels, ho, wo), x, x.dtype, channels_last)
-    index = _empty((batch, channels, ho, wo), x, torch.int8, channels_last)
+    index = _empty((batch, channels, ho, wo) if with_index else (0, 0, 0, 0), x, torch.int8, channels_last)
     total = batch * ho * wo
     if total == 0 or channels == 0:
         return y, index
     block_p, block_c = _tiles(x, channels)
     _fwd[(cdiv(total, block_p), cdiv(channels, block_c))](
         x, y, index, channels, height, width, ho, wo, total, *x.stride(), *y.stride(),
-        KERNEL=kernel_size, STRIDE=stride, PAD=padding, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
+        KERNEL=kernel_size, STRIDE=stride, PAD=padding, WRITE_INDEX=with_index, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=NUM_WARPS)
     return y, index
 
 

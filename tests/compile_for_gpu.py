@@ -232,7 +232,7 @@ def cases():
             # The max pool at the S1 shortcut's 64 channels (CoAtNet's 3 / 2 / 1 window).
             block_p, block_c = mp._tiles(x, 64)
             pool = dict(BLOCK_P=block_p, BLOCK_C=block_c, KERNEL=3, STRIDE=2, PAD=1)
-            yield mp._fwd, act, pool, dict(num_warps=mp.NUM_WARPS), layout
+            yield mp._fwd, act, dict(pool, WRITE_INDEX=True), dict(num_warps=mp.NUM_WARPS), layout
             yield mp._bwd, act, dict(pool, WINDOWS=2), dict(num_warps=mp.NUM_WARPS), layout
 
 

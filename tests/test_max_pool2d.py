@@ -145,17 +145,26 @@ def test_strided_views(backend, device):
     for view in (base[:, 1:8, ::2, 1:12], base.permute(0, 1, 3, 2)):
         if _refused(backend, view):
             return
-        got = max_pool2d(view, backend=backend)
-        assert torch.equal(got.cpu(), F.max_pool2d(view.double().cpu(), 3, 2, 1).float())
+        leaf = view.detach().requires_grad_(True)  # a leaf with the view's strides
+        got = max_pool2d(leaf, backend=backend)
+        ref_leaf = view.detach().double().cpu().requires_grad_(True)
+        ref = F.max_pool2d(ref_leaf, 3, 2, 1)
+        assert torch.equal(got.detach().cpu(), ref.detach().float())
+        dy = torch.randn(ref.shape, dtype=torch.float64)
+        (dx,) = torch.autograd.grad(got, leaf, dy.float().to(device))
+        (ref_dx,) = torch.autograd.grad(ref, ref_leaf, dy)
+        assert dx.stride() == leaf.stride() or dx.is_contiguous() or dx.is_contiguous(memory_format=torch.channels_last)
+        assert relative_error(dx, ref_dx) < 1e-6
 
 
 def test_custom_ops_pass_opcheck(device):
     x = torch.randn(2, 6, 7, 5, device=device).contiguous(memory_format=torch.channels_last)
     if _refused("triton", x):
         return
-    torch.library.opcheck(op_module._triton_forward, (x.requires_grad_(True), 3, 2, 1),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    y, index = op_module._triton_forward(x.detach(), 3, 2, 1)
+    for with_index in (True, False):
+        torch.library.opcheck(op_module._triton_forward, (x.requires_grad_(True), 3, 2, 1, with_index),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    y, index = op_module._triton_forward(x.detach(), 3, 2, 1, True)
     dy = torch.randn(y.shape, device=device).contiguous(memory_format=torch.channels_last)
     for channels_last in (True, False):
         torch.library.opcheck(op_module._triton_backward, (dy, index, list(x.shape), channels_last, 3, 2, 1),
@@ -219,21 +228,113 @@ def test_module_matches_nn_max_pool2d_and_runs_the_op(backend, device, monkeypat
     assert torch.equal(pool(x), F.max_pool2d(x, 3, 2, 1)) and calls == []
     pool.backend = backend
     assert torch.equal(pool(x), F.max_pool2d(x, 3, 2, 1)) and calls == [backend]
-    for other in (dict(ceil_mode=True), dict(dilation=2), dict(kernel_size=(3, 2))):
+    square_pairs = MaxPool2d(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+    square_pairs.backend = backend
+    assert torch.equal(square_pairs(x), F.max_pool2d(x, 3, 2, 1)) and calls == [backend, backend]
+    del calls[1:]
+    for other in (dict(ceil_mode=True), dict(dilation=2), dict(kernel_size=(3, 2)), dict(kernel_size=13, padding=6)):
         module = MaxPool2d(**dict(dict(kernel_size=3, stride=2, padding=1), **other))
         module.backend = backend
         assert torch.equal(module(x), torch.nn.MaxPool2d(**dict(dict(kernel_size=3, stride=2, padding=1), **other))(x))
+    assert torch.equal(pool(x[0]), F.max_pool2d(x[0], 3, 2, 1))  # unbatched [C, H, W]: the module's own
     assert calls == [backend]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(b=st.integers(1, 2), c=st.integers(1, 20), h=st.integers(1, 9), w=st.integers(1, 9),
-       k=st.integers(1, 4), s=st.integers(1, 3), channels_last=st.booleans(), ties=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_fuzzed_small_shapes(backend, device, b, c, h, w, k, s, channels_last, ties, seed):
-    p = min(k // 2, 1)
+       k=st.integers(1, 5), s=st.integers(1, 3), p=st.integers(0, 2), channels_last=st.booleans(),
+       ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzzed_small_shapes(backend, device, b, c, h, w, k, s, p, channels_last, ties, seed):
+    p = min(p, k // 2)
     if h + 2 * p < k or w + 2 * p < k:
         return
     check(backend, (b, c, h, w), device, kernel_size=k, stride=s, padding=p, channels_last=channels_last,
           ties=ties, seed=seed)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_custom_op_path_matches_reference(backend, device, monkeypatch):
+    """The torch.library custom ops and their registered autograd (what torch.compile traces),
+    not the eager fast path, against float64 F.max_pool2d."""
+    monkeypatch.setattr(dispatch, "eager_fast_path", lambda *tensors: False)
+    for channels_last, specials in ((False, False), (True, True)):
+        check(backend, (2, 7, 11, 9), device, channels_last=channels_last, ties=True, specials=specials, seed=11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_windows_of_only_inf_or_nan(backend, device):
+    """Windows of -inf alone give -inf and send their gradient to their first in-window
+    element (not a padded slot); windows of NaN give NaN and send it to their last."""
+    for fill in (float("-inf"), float("nan")):
+        x = torch.full((1, 3, 5, 6), fill, device=device)
+        x[0, 1, 2:, 3:] = torch.arange(9.0, device=device).view(3, 3) - 4  # one channel part finite
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = x.contiguous(memory_format=fmt).detach().requires_grad_(True)
+            if _refused(backend, x.detach()):
+                return
+            ref_x = x.detach().double().cpu().requires_grad_(True)
+            y, ref = max_pool2d(x, backend=backend), F.max_pool2d(ref_x, 3, 2, 1)
+            assert torch.equal(y.detach().cpu().double().isnan(), ref.isnan())
+            assert torch.equal(torch.nan_to_num(y.detach().cpu().double()), torch.nan_to_num(ref.detach()))
+            dy = torch.rand(ref.shape, dtype=torch.float64) + 1
+            (dx,) = torch.autograd.grad(y, x, dy.float().to(device))
+            (ref_dx,) = torch.autograd.grad(ref, ref_x, dy)
+            assert torch.equal(dx.cpu().double(), ref_dx.float().double()), (fill, fmt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dy_kind", ["other-layout", "expanded"])
+def test_gradient_in_another_layout_or_expanded(backend, dy_kind, device):
+    """An incoming gradient that is NCHW for a channels_last x, or expanded (``y.sum()``'s), is
+    read through its strides and gives the reference's dx."""
+    g = torch.Generator().manual_seed(4)
+    x64 = torch.randint(-2, 3, (2, 6, 9, 10), generator=g).double()
+    x = x64.float().to(device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    if _refused(backend, x.detach()):
+        return
+    ref_x = x64.clone().requires_grad_(True)
+    y, ref = max_pool2d(x, backend=backend), F.max_pool2d(ref_x, 3, 2, 1)
+    if dy_kind == "expanded":
+        dy64 = torch.tensor(1.5, dtype=torch.float64).expand(ref.shape)
+    else:
+        dy64 = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    dy = dy64.float().to(device)
+    assert dy.is_contiguous() or dy.stride() == (0, 0, 0, 0)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (ref_dx,) = torch.autograd.grad(ref, ref_x, dy64)
+    assert relative_error(dx, ref_dx) < 1e-6
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_inference_writes_no_index(backend, device, launch_spy):
+    """Without autograd (no_grad, or x without requires_grad) the forward writes no index."""
+    from coatnet_fast.kernels import max_pool2d as kernels
+
+    x = torch.randn(2, 16, 9, 9, device=device).contiguous(memory_format=torch.channels_last)
+    if _refused(backend, x):
+        return
+    launches = launch_spy(kernels, "_fwd")
+    expected = F.max_pool2d(x, 3, 2, 1)
+    assert torch.equal(max_pool2d(x, backend=backend), expected)
+    with torch.no_grad():
+        assert torch.equal(max_pool2d(x.requires_grad_(True), backend=backend), expected)
+    assert [call[2].numel() for call in launches] == [0, 0]
+
+
+def test_triton_channel_offsets_past_32_bits(device):
+    """A view whose channel stride times C passes 2**31 elements (a transposed batch): the
+    channel offsets are 64-bit. The storage is allocated, not written: only the view's corner
+    is filled and read (untouched pages cost no memory)."""
+    if "triton" not in BACKENDS:
+        return
+    try:
+        storage = torch.empty(96, 4, 2**23 + 1024, dtype=torch.float16, device=device)  # 3.2e9 elements
+    except RuntimeError as e:  # a machine without the address space: say so rather than pass
+        pytest.fail(f"could not reserve the view's storage: {e}")
+    view = storage[:, :, :64].view(96, 4, 8, 8).transpose(0, 1)  # [4, 96, 8, 8], channel stride ~3.4e7
+    assert view.stride(1) * (view.shape[1] - 1) > 2**31
+    view.copy_(torch.randn(view.shape, generator=torch.Generator().manual_seed(9)).half().to(device))
+    if _refused("triton", view):
+        return
+    assert torch.equal(max_pool2d(view, backend="triton").cpu(), F.max_pool2d(view.float().cpu(), 3, 2, 1).half())

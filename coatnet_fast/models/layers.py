@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..ops import dispatch
 from ..ops.batch_norm_act import batch_norm_act
 from ..ops.dwconv_bn_gelu import dwconv_bn_gelu, dwconv_bn_gelu_pool
+from ..ops.max_pool2d import MAX_KERNEL_SIZE as MAX_POOL_KERNEL_SIZE
 from ..ops.max_pool2d import max_pool2d
 
 
@@ -59,18 +60,26 @@ class _FusedBNSequential(nn.Sequential, FusedOpModule):
 
 class MaxPool2d(nn.MaxPool2d, FusedOpModule):
     """The seed's ``nn.MaxPool2d`` (no parameters, the same constructor), routed through the
-    ``max_pool2d`` op on a fused backend; configurations the op does not take (dilation,
-    ceil_mode, returned indices, rectangular windows) run the module itself."""
+    ``max_pool2d`` op on a fused backend; what the op does not take (dilation, ceil_mode,
+    returned indices, rectangular windows, windows past 11, unbatched input) runs the module
+    itself. A backend that cannot take x (its dtype or device) raises, as the other fused
+    modules do, unless the backend is "auto"."""
 
     fused_op = "max_pool2d"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s, p = self.kernel_size, self.stride, self.padding
-        square = all(isinstance(v, int) for v in (k, s, p))
-        if (self.backend == "eager" or not square or self.dilation not in (1, (1, 1)) or self.ceil_mode
-                or self.return_indices):
+        k, s, p = (_square(v) for v in (self.kernel_size, self.stride, self.padding))
+        if (self.backend == "eager" or None in (k, s, p) or _square(self.dilation) != 1 or self.ceil_mode
+                or self.return_indices or x.dim() != 4 or not 1 <= k <= MAX_POOL_KERNEL_SIZE):
             return super().forward(x)
         return max_pool2d(x, k, s, p, backend=self.backend)
+
+
+def _square(value) -> Optional[int]:
+    """An int, or a pair of equal ints, as that int; else None."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class DWConvBNGELU(_FusedBNSequential):

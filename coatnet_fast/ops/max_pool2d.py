@@ -73,10 +73,10 @@ def _out_shape(x, kernel_size, stride, padding):
     return (x.shape[0], x.shape[1], size(x.shape[2]), size(x.shape[3]))
 
 
-def _forward_kernels(x, kernel_size, stride, padding):
+def _forward_kernels(x, kernel_size, stride, padding, with_index=True):
     from coatnet_fast.kernels import max_pool2d as kernels
 
-    return kernels.forward(x, kernel_size, stride, padding)
+    return kernels.forward(x, kernel_size, stride, padding, with_index)
 
 
 def _backward_kernels(dy, index, input_shape, channels_last, kernel_size, stride, padding):
@@ -86,15 +86,15 @@ def _backward_kernels(dy, index, input_shape, channels_last, kernel_size, stride
 
 
 @torch.library.custom_op("coatnet_fast::max_pool2d_triton", mutates_args=())
-def _triton_forward(x: torch.Tensor, kernel_size: int, stride: int, padding: int
+def _triton_forward(x: torch.Tensor, kernel_size: int, stride: int, padding: int, with_index: bool
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward_kernels(x, kernel_size, stride, padding)
+    return _forward_kernels(x, kernel_size, stride, padding, with_index)
 
 
 @_triton_forward.register_fake
-def _(x, kernel_size, stride, padding):
+def _(x, kernel_size, stride, padding, with_index):
     shape = _out_shape(x, kernel_size, stride, padding)
-    return _out_like(x, shape, x.dtype), _out_like(x, shape, torch.int8)
+    return _out_like(x, shape, x.dtype), _out_like(x, shape if with_index else (0, 0, 0, 0), torch.int8)
 
 
 @torch.library.custom_op("coatnet_fast::max_pool2d_triton_backward", mutates_args=())
@@ -109,7 +109,7 @@ def _(dy, index, input_shape, channels_last, kernel_size, stride, padding):
 
 
 def _setup_context(ctx, inputs, output):
-    x, kernel_size, stride, padding = inputs
+    x, kernel_size, stride, padding, _with_index = inputs
     # The one-byte index and x's shape and layout: not x, which eager's pool keeps (a
     # Transformer block's input is kept for nothing else).
     ctx.save_for_backward(output[1])
@@ -118,7 +118,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dindex):
     index, = ctx.saved_tensors
-    return _triton_backward(dy, index, *ctx.pool), None, None, None
+    return _triton_backward(dy, index, *ctx.pool), None, None, None, None
 
 
 torch.library.register_autograd("coatnet_fast::max_pool2d_triton", _backward, setup_context=_setup_context)
@@ -129,9 +129,9 @@ class _TritonMaxPool2dFunction(torch.autograd.Function):
     without their per-call dispatch cost (see ``dispatch.eager_fast_path``)."""
 
     @staticmethod
-    def forward(ctx, x, kernel_size, stride, padding):
-        y, index = _forward_kernels(x, kernel_size, stride, padding)
-        _setup_context(ctx, (x, kernel_size, stride, padding), (y, index))
+    def forward(ctx, x, kernel_size, stride, padding, with_index):
+        y, index = _forward_kernels(x, kernel_size, stride, padding, with_index)
+        _setup_context(ctx, (x, kernel_size, stride, padding, with_index), (y, index))
         ctx.mark_non_differentiable(index)
         return y, index
 
@@ -139,21 +139,33 @@ class _TritonMaxPool2dFunction(torch.autograd.Function):
     def backward(ctx, dy, _dindex):
         dispatch.no_double_backward(OP)
         index, = ctx.saved_tensors
-        return _backward_kernels(dy, index, *ctx.pool), None, None, None
+        return _backward_kernels(dy, index, *ctx.pool), None, None, None, None
 
 
 def max_pool2d_triton(x, kernel_size, stride, padding):
     forward = _TritonMaxPool2dFunction.apply if dispatch.eager_fast_path(x) else _triton_forward
-    return forward(x, kernel_size, stride, padding)[0]
+    # The index only where a backward will read it: inference writes a third fewer bytes.
+    with_index = torch.is_grad_enabled() and x.requires_grad
+    return forward(x, kernel_size, stride, padding, with_index)[0]
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# Programs along CUDA's grid axis 1 (channel blocks of 8 in NCHW, 64 in channels_last).
+_MAX_CHANNEL_BLOCKS = 65535
 
 
 def _triton_reasons(x, **_inputs) -> List[str]:
     why = dispatch.triton_device_reasons(x)
     if x.dtype not in _TRITON_DTYPES:
         why.append(f"x: dtype {x.dtype} is not supported (float32, float16, bfloat16)")
+    if x.shape[1] > 8 * _MAX_CHANNEL_BLOCKS:
+        from coatnet_fast.kernels import max_pool2d as kernels
+
+        if kernels.channel_blocks(x, x.shape[1]) > _MAX_CHANNEL_BLOCKS:
+            why.append(f"x: {x.shape[1]} channels take more channel blocks than a CUDA grid axis holds "
+                       f"({_MAX_CHANNEL_BLOCKS})")
     return why
 
 
