@@ -31,7 +31,7 @@ def test_info_lists_every_backend_of_every_op():
 def test_verify_passes_and_reports_a_table():
     done = run_cli("verify")
     assert done.returncode == 0, done.stdout + done.stderr
-    for check in ("rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act", "model"):
+    for check in ("rel_bias_attention", "dwconv_bn_gelu", "batch_norm_act", "max_pool2d", "model"):
         assert check in done.stdout
     assert "MISMATCH" not in done.stdout and " 0 failed" in done.stdout
 
