@@ -265,7 +265,9 @@ def test_custom_op_path_matches_reference(backend, device, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_windows_of_only_inf_or_nan(backend, device):
     """Windows of -inf alone give -inf and send their gradient to their first in-window
-    element (not a padded slot); windows of NaN give NaN and send it to their last."""
+    element (not a padded slot); windows of NaN give NaN, and their gradient is kept whole
+    (which NaN gets it is each kernel's choice: PyTorch's own fp32 and fp64 CPU kernels differ
+    under one thread)."""
     for fill in (float("-inf"), float("nan")):
         x = torch.full((1, 3, 5, 6), fill, device=device)
         x[0, 1, 2:, 3:] = torch.arange(9.0, device=device).view(3, 3) - 4  # one channel part finite
@@ -280,7 +282,11 @@ def test_windows_of_only_inf_or_nan(backend, device):
             dy = torch.rand(ref.shape, dtype=torch.float64) + 1
             (dx,) = torch.autograd.grad(y, x, dy.float().to(device))
             (ref_dx,) = torch.autograd.grad(ref, ref_x, dy)
-            assert torch.equal(dx.cpu().double(), ref_dx.float().double()), (fill, fmt)
+            if fill == fill:
+                assert torch.equal(dx.cpu().double(), ref_dx.float().double()), (fill, fmt)
+            else:
+                assert abs(dx.double().sum().item() - ref_dx.sum().item()) <= 1e-5 * ref_dx.abs().sum().item()
+                assert torch.equal(dx.cpu()[0, 1, 2:, 3:] != 0, ref_dx[0, 1, 2:, 3:] != 0)  # the finite part
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
