@@ -34,12 +34,16 @@ MAX_KERNEL_SIZE = 11
 
 
 @triton.jit
-def _positions(offs_p, HO, WO):
-    per_image = HO * WO
+def _tile(total, C, ROWS, COLS, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A program's tile: positions (image, row, column of a ROWS x COLS map, flattened) by
+    channels, 64-bit, with their masks."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    per_image = ROWS * COLS
     b = offs_p // per_image
     rem = offs_p - b * per_image
-    row = rem // WO
-    return b, row, rem - row * WO
+    row = rem // COLS
+    return b, row, rem - row * COLS, offs_c, offs_p < total, offs_c < C
 
 
 @triton.jit
@@ -47,11 +51,7 @@ def _fwd(X, Y, IDX, C, H, W, HO, WO, total,
          sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w,
          KERNEL: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, WRITE_INDEX: tl.constexpr,
          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = offs_p < total
-    c_ok = offs_c < C
-    b, oh, ow = _positions(offs_p, HO, WO)
+    b, oh, ow, offs_c, p_ok, c_ok = _tile(total, C, HO, WO, BLOCK_P, BLOCK_C)
     x_base = X + b * sx_b
     best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_P, BLOCK_C], tl.int32)
@@ -80,11 +80,7 @@ def _bwd(DY, IDX, DX, C, H, W, HO, WO, total,
          sy_b, sy_c, sy_h, sy_w, si_b, si_c, si_h, si_w, sx_b, sx_c, sx_h, sx_w,
          KERNEL: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, WINDOWS: tl.constexpr,
          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = offs_p < total
-    c_ok = offs_c < C
-    b, h, w = _positions(offs_p, H, W)
+    b, h, w, offs_c, p_ok, c_ok = _tile(total, C, H, W, BLOCK_P, BLOCK_C)
     y_base, i_base = b * sy_b, b * si_b
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     # The windows holding row h are oh = (h + PAD) // STRIDE - d for d < WINDOWS, kept when
